@@ -1,0 +1,75 @@
+"""Typed flags: dataclasses become argparse parsers, field docs become ``--help``.
+
+Each field's ``metadata={"help": ...}`` is its help text. Unknown flags are errors that
+name the flag (argparse's own message). ``--local_rank`` (added by the DeepSpeed
+launcher) is accepted and ignored: ranks come from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _base_type(tp):
+    """Optional[X] / X | None -> X."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        tp = _base_type(hints[field.name])
+        kwargs: dict[str, Any] = {"help": field.metadata.get("help", "")}
+        if field.default is not dataclasses.MISSING:
+            kwargs["default"] = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            kwargs["default"] = field.default_factory()  # type: ignore[misc]
+        else:
+            kwargs["required"] = True
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        if tp is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = tp
+        parser.add_argument(f"--{field.name}", **kwargs)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    parser = build_parser(cls, description or (cls.__doc__ or "").strip())
+    ns = vars(parser.parse_args(argv))
+    ns.pop("local_rank", None)
+    return cls(**ns)
+
+
+def to_dict(args: Any) -> dict[str, Any]:
+    return dataclasses.asdict(args)
+
+
+def save_json(args: Any, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(to_dict(args), f, indent=2, sort_keys=True)

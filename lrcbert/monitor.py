@@ -1,0 +1,82 @@
+"""Rank-0 progress bar and TensorBoard scalars, with loss terms averaged over ranks."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+
+class Monitor:
+    """Accumulates named scalars per micro-step and writes their means every ``log_steps``.
+
+    All ranks call ``log``; the means are all-reduced (one small collective) so the
+    curves describe the global batch. Only rank 0 owns the writer and the bar.
+    """
+
+    def __init__(self, log_dir: str | None, total_steps: int, initial_step: int, enabled: bool, desc: str):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=log_dir)
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+        self._samples = 0
+        self._tokens = 0
+        self._t0 = time.perf_counter()
+
+    def accumulate(self, values: dict[str, torch.Tensor | float], samples: int = 0, tokens: int = 0) -> None:
+        for name, value in values.items():
+            self._sums[name] += float(value)
+            self._counts[name] += 1
+        self._samples += samples
+        self._tokens += tokens
+
+    def log(self, step: int, extra: dict[str, float]) -> dict[str, float]:
+        """Reduce, write and reset; returns the logged scalars (on every rank)."""
+        names = sorted(self._sums)
+        means = torch.tensor([self._sums[n] / max(self._counts[n], 1) for n in names] + [self._samples, self._tokens],
+                             dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank logs the same names at the same steps (same code path), so shapes agree
+            dist.all_reduce(means)
+            means[:-2] /= dist.get_world_size()
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        scalars = {f"loss/{n}": float(v) for n, v in zip(names, means[:-2].tolist())}
+        scalars["perf/samples_per_sec"] = float(means[-2]) / elapsed
+        scalars["perf/tokens_per_sec"] = float(means[-1]) / elapsed
+        scalars.update(extra)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+        self._sums.clear()
+        self._counts.clear()
+        self._samples = self._tokens = 0
+        self._t0 = time.perf_counter()
+        return scalars
+
+    def advance(self, postfix: dict[str, float] | None = None) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(1)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
