@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 
 from lrcbert import losses
-from lrcbert.layer_map import Projections
 from lrcbert.negatives import batch_negative_distance_sums, gather_teacher_vectors, sample_other_rows
 
 INTERMEDIATE_LOSSES = ("cos_nce", "mse", "none")
@@ -62,9 +61,8 @@ class LRCObjective:
         self,
         weights: losses.LossWeights,
         attention_mask: torch.Tensor,
-        student_hidden,
+        projected: list[torch.Tensor],
         teacher_hidden,
-        projections: Projections | None,
         teacher_vectors: list[torch.Tensor] | None = None,
         negatives: NegativeFn | None = None,
         student_logits: torch.Tensor | None = None,
@@ -74,8 +72,7 @@ class LRCObjective:
         parts: dict[str, torch.Tensor] = {}
         cfg = self.config
         if cfg.intermediate != "none" and weights.alpha > 0:
-            per_layer = self._intermediate(attention_mask, student_hidden, teacher_hidden, projections,
-                                           teacher_vectors, negatives)
+            per_layer = self._intermediate(attention_mask, projected, teacher_hidden, teacher_vectors, negatives)
             for (s, _), value in zip(self.layer_map, per_layer):
                 parts[f"cos_layer{s}"] = value
             parts["cos"] = torch.stack(per_layer).sum()
@@ -85,9 +82,9 @@ class LRCObjective:
             parts["hard"] = losses.hard_loss(student_logits, labels, cfg.regression)
         return losses.combine(parts, weights)
 
-    def _intermediate(self, attention_mask, student_hidden, teacher_hidden, projections, teacher_vectors, negatives):
+    def _intermediate(self, attention_mask, projected, teacher_hidden, teacher_vectors, negatives):
+        """Per mapped layer: COS-NCE (or MSE) between projected student and teacher states."""
         cfg = self.config
-        projected = [projections(i, student_hidden[s]) for i, (s, _) in enumerate(self.layer_map)]
         if cfg.intermediate == "mse":
             return [losses.hidden_mse(p, teacher_hidden[t], attention_mask) for p, (_, t) in zip(projected, self.layer_map)]
         if teacher_vectors is None:

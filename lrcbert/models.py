@@ -94,25 +94,30 @@ def load_classifier(path: str, label_names: list[str] | None, init_head: bool = 
 
 
 class DistillStudent(nn.Module):
-    """What DeepSpeed trains: the student plus its training-only projections.
+    """What DeepSpeed trains: the student plus its training-only projections W_i.
 
     ``forward`` returns the logits (None for an encoder without a head), the hidden
-    states (M + 1 tensors of (B, T, d)) and the embedding output e (B, T, d) that
-    gradient perturbation differentiates. Only ``self.model`` is exported.
+    states (M + 1 tensors of (B, T, d)), the embedding output e (B, T, d) that gradient
+    perturbation differentiates, and the projected mapped layers (B, T, d') in map
+    order. Projections run inside this forward so ZeRO-3 gathers their partitions like
+    any other weight. Only ``self.model`` is exported.
     """
 
-    def __init__(self, model: nn.Module, num_mapped: int, teacher_width: int):
+    def __init__(self, model: nn.Module, mapped_layers: list[int], teacher_width: int):
         super().__init__()
         self.model = model
-        self.projections = Projections(num_mapped, model.config.hidden_size, teacher_width) if num_mapped else None
+        self.mapped_layers = list(mapped_layers)
+        self.projections = (Projections(len(mapped_layers), model.config.hidden_size, teacher_width)
+                            if mapped_layers else None)
         self.tap = EmbeddingTap(model.base_model.embeddings)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, embedding_delta=None):
         with self.tap.perturbed(embedding_delta):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                              output_hidden_states=True, return_dict=True)
-        logits = getattr(out, "logits", None)
-        return logits, out.hidden_states, self.tap.captured
+        hidden = out.hidden_states
+        projected = [self.projections(i, hidden[s]) for i, s in enumerate(self.mapped_layers)]
+        return getattr(out, "logits", None), hidden, self.tap.captured, projected
 
 
 def count_parameters(model: nn.Module) -> int:
