@@ -1,0 +1,623 @@
+"""Build the general-distillation corpus: text -> sentences -> packed token sequences -> shards.
+
+``prepare_corpus(CorpusConfig(...))`` (CLI: ``pretrain/prepare_corpus.py``):
+
+1. Check what a user can get wrong before any work: the inputs exist and are non-empty
+   UTF-8, the tokenizer loads and is a fast one, the output directory holds nothing
+   made with other settings.
+2. Stream documents from the inputs in order and cut the stream into shards of about
+   ``chars_per_shard`` characters at document boundaries. The cut depends only on the
+   input, so the shards are identical for any number of workers.
+3. Each shard goes to one worker process: split paragraphs into sentences, tokenize them
+   in batches with the tokenizer's Rust backend, pack whole sentences greedily into
+   sequences of at most ``max_seq_length`` tokens *including* the special tokens (the
+   stored sequences are exactly what the model sees), and write
+   ``shard_XXXXX.tokens.npy`` (flat uint16/uint32) and ``shard_XXXXX.offsets.npy``
+   (int64, ``num_sequences + 1``) under temporary names, renamed when complete.
+4. After each finished shard the manifest is rewritten atomically with the shard's counts,
+   sizes and sha256 checksums. A restarted run keeps every recorded shard whose files
+   still match their checksums and redoes the rest.
+
+Choices of ours (the paper is silent):
+- A document is a WikiText article (a ``= Title =`` line starts one; ``= = Section = =``
+  lines are skipped as text), a blank-line-separated block of a plain file, or one row of
+  a hub dataset. A sequence never spans two documents; it may span paragraphs and
+  sections of one document (as BERT's pre-training data does). A document longer than
+  ``chars_per_shard`` is cut at a paragraph boundary (bounds memory; one forced break).
+- WikiText's `` @-@ ``, `` @,@ ``, `` @.@ `` are undone (``guest-starring``); ``<unk>``
+  becomes the tokenizer's unknown token. Other WikiText spacing (`` , ``) is kept.
+- A sentence longer than the budget is truncated and fills a sequence alone: that is the
+  only text dropped. Workers import no torch (this module must stay light).
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from itertools import groupby
+from multiprocessing import get_context
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from lrcbert.errors import UserError
+
+FORMAT_NAME = "lrcbert-corpus"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITTER_VERSION = "rule-v1"  # bump when split_sentences changes its output
+INPUT_FORMATS = ("auto", "raw", "tokens", "plain")
+_ENCODE_BATCH = 2048  # sentences per backend encode call
+
+
+@dataclass
+class CorpusConfig:
+    """Tokenize a text corpus into memory-mapped shards for general distillation."""
+
+    output_dir: str = field(metadata={"help": "directory for the shards and manifest.json"})
+    tokenizer: str = field(metadata={"help": "the teacher's tokenizer directory (any Hugging Face fast tokenizer)"})
+    input: str = field(default="", metadata={"help": "comma-separated local text files, read in this order"})
+    input_format: str = field(default="auto", metadata={
+        "choices": INPUT_FORMATS,
+        "help": "raw / tokens: WikiText (.raw / .tokens); plain: one paragraph per line, blank line "
+                "between documents; auto: by file suffix (.raw, .tokens, else plain)"})
+    hub: str | None = field(default=None, metadata={"help": "a `datasets` hub name, e.g. wikimedia/wikipedia (streamed, "
+                                                            "`text` column; needs internet); instead of --input"})
+    hub_config: str | None = field(default=None, metadata={"help": "hub dataset config, e.g. 20231101.en"})
+    hub_split: str = field(default="train", metadata={"help": "hub dataset split"})
+    max_seq_length: int = field(default=128, metadata={"help": "tokens per sequence, [CLS] and [SEP] included"})
+    num_workers: int = field(default=1, metadata={"help": "tokenizer processes (1: tokenize in this process)"})
+    chars_per_shard: int = field(default=16_000_000, metadata={"help": "characters of text per shard "
+                                                                       "(the unit of work, memory and restart)"})
+    max_documents: int = field(default=0, metadata={"help": "stop after this many documents (0: all)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a corpus in --output_dir made with other settings"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+# ----------------------------------------------------------------------------- shared format
+
+
+def shard_file_name(index: int, kind: str) -> str:
+    """``kind`` is ``tokens`` or ``offsets``."""
+    return f"shard_{index:05d}.{kind}.npy"
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """Name, class, vocab size and hashes. ``vocab_sha256`` hashes the (token, id) pairs in id
+    order (stable across library versions); ``tokenizer_json_sha256`` hashes the canonical
+    serialized tokenizer (normalizer, pre-tokenizer, model) as this tokenizers version writes it."""
+    ordered = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    vocab_bytes = json.dumps(ordered, ensure_ascii=False).encode("utf-8")
+    serialized = json.loads(tokenizer.backend_tokenizer.to_str())  # key order varies run to run
+    canonical = json.dumps(serialized, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return {
+        "name_or_path": str(tokenizer.name_or_path),
+        "class": type(tokenizer).__name__,
+        "vocab_size": max(len(tokenizer), ordered[-1][1] + 1),
+        "vocab_sha256": hashlib.sha256(vocab_bytes).hexdigest(),
+        "tokenizer_json_sha256": hashlib.sha256(canonical).hexdigest(),
+    }
+
+
+def special_token_ids(tokenizer) -> dict:
+    """The ids the tokenizer adds around one sequence (``prefix_ids`` / ``suffix_ids``, e.g.
+    [CLS] / [SEP]) and its pad, cls, sep, unk and mask ids (None where it has none)."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if plain and full[start:start + len(plain)] == plain:
+            break
+    else:
+        raise UserError(f"cannot tell where tokenizer {tokenizer.name_or_path} puts its special tokens")
+    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "cls", "sep", "unk", "mask")}
+    return {"prefix_ids": full[:start], "suffix_ids": full[start + len(plain):],
+            **{f"{name}_token_id": value for name, value in ids.items()}}
+
+
+def load_tokenizer(name_or_dir: str):
+    """An HF fast tokenizer, or UserError."""
+    from transformers import AutoTokenizer  # heavy: only the main process needs it
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's path
+        raise UserError(f"cannot load tokenizer {name_or_dir}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise UserError(f"tokenizer {name_or_dir} is not a fast (Rust `tokenizers`) tokenizer")
+    return tokenizer
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- reading text
+
+_HEADING = re.compile(r"((?:= )+)(.*?)((?: =)+)")
+_WIKITEXT_SEPARATOR = re.compile(r" @([-,.])@ ")
+
+
+def check_text_file(path: str) -> None:
+    """UserError naming ``path`` when it is missing, empty (no non-blank text) or not UTF-8."""
+    if not os.path.exists(path):
+        raise UserError(f"input file not found: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"input path is not a file: {path}")
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset, has_text = 0, False
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            held = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                raise UserError(f"input file {path} is not valid UTF-8 (bad byte at offset "
+                                f"{offset - held + exc.start})") from None
+            has_text = has_text or bool(text.strip().lstrip("\ufeff"))
+            if not chunk:
+                break
+            offset += len(chunk)
+    if not has_text:
+        raise UserError(f"input file {path} is empty" + (" (only whitespace)" if offset else ""))
+
+
+def resolve_format(path: str, input_format: str) -> str:
+    if input_format != "auto":
+        return input_format
+    suffix = os.path.splitext(path)[1].lower()
+    return {".raw": "raw", ".tokens": "tokens"}.get(suffix, "plain")
+
+
+def _heading_level(line: str) -> int:
+    """``= Title =`` -> 1, ``= = Section = =`` -> 2, ...; 0 for a text line (already stripped)."""
+    match = _HEADING.fullmatch(line)
+    if match is None or match.group(1).count("=") != match.group(3).count("="):
+        return 0
+    return match.group(1).count("=")
+
+
+def clean_wikitext(line: str, unk_token: str | None) -> str:
+    """Undo WikiText's `` @-@ `` / `` @,@ `` / `` @.@ `` and map ``<unk>`` to ``unk_token``."""
+    line = _WIKITEXT_SEPARATOR.sub(r"\1", line)
+    if unk_token is not None and "<unk>" in line:
+        line = line.replace("<unk>", unk_token)
+    return line
+
+
+def _cut(paragraphs: list[str], max_doc_chars: int) -> Iterator[list[str]]:
+    """One document as pieces of at most ``max_doc_chars`` (0: no limit), cut between paragraphs."""
+    piece, chars = [], 0
+    for paragraph in paragraphs:
+        if piece and max_doc_chars and chars + len(paragraph) > max_doc_chars:
+            yield piece
+            piece, chars = [], 0
+        piece.append(paragraph)
+        chars += len(paragraph)
+    if piece:
+        yield piece
+
+
+def iter_documents(path: str, fmt: str, unk_token: str | None = None,
+                   max_doc_chars: int = 0) -> Iterator[list[str]]:
+    """Documents of a local file as lists of paragraphs (see the module doc for the rules).
+
+    ``fmt``: ``raw`` / ``tokens`` (WikiText) or ``plain``. Any line ending (LF, CRLF, CR).
+    Streams: at most one document is held in memory.
+    """
+    wikitext = fmt in ("raw", "tokens")
+    paragraphs: list[str] = []
+    chars = 0
+    with open(path, encoding="utf-8", newline=None) as f:
+        for line in f:
+            text = line.lstrip("\ufeff").strip()
+            level = _heading_level(text) if wikitext and text else 0
+            # a document ends at a level-1 heading (WikiText) or a blank line (plain)
+            if paragraphs and (level == 1 or (not wikitext and not text)):
+                yield paragraphs
+                paragraphs, chars = [], 0
+            if not text or level:
+                continue  # headings are not text; WikiText's blank lines only separate paragraphs
+            paragraph = clean_wikitext(text, unk_token) if wikitext else text
+            if paragraphs and max_doc_chars and chars + len(paragraph) > max_doc_chars:
+                yield paragraphs  # cut an over-long document between paragraphs
+                paragraphs, chars = [], 0
+            paragraphs.append(paragraph)
+            chars += len(paragraph)
+    if paragraphs:
+        yield paragraphs
+
+
+def open_hub_dataset(name: str, config_name: str | None, split: str):
+    """A streamed `datasets` hub dataset (needs internet), or UserError."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(name, config_name, split=split, streaming=True)
+    except Exception as exc:  # noqa: BLE001 - network, name, config: all the user's to fix
+        raise UserError(f"cannot open hub dataset {name} (config {config_name}, split {split}): "
+                        f"{str(exc).splitlines()[0] if str(exc) else exc!r}")
+
+
+def iter_hub_documents(stream, max_doc_chars: int = 0, text_column: str = "text") -> Iterator[list[str]]:
+    """One document per row; its non-blank lines are the paragraphs."""
+    for row in stream:
+        paragraphs = [line.strip() for line in row[text_column].splitlines() if line.strip()]
+        yield from _cut(paragraphs, max_doc_chars)
+
+
+# ----------------------------------------------------------------------------- sentences, packing
+
+_TERMINATOR = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+")
+_OPENERS = "\"'\u201c\u2018(["
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof st jr sr vs etc no nos vol fig gen col lt sgt capt cmdr mt ft rev inc ltd co jan feb "
+    "mar apr jun jul aug sep sept oct nov dec".split())
+
+
+def _is_abbreviation(before: str) -> bool:
+    """Whether the ``.`` right after ``before`` ends an abbreviation rather than a sentence."""
+    if not before or before[-1].isspace():
+        return False  # WikiText's " . ": a stand-alone full stop
+    word = before.rsplit(None, 1)[-1].lstrip(_OPENERS)
+    return (len(word) == 1 and word.isalpha()) or "." in word or word.lower() in _ABBREVIATIONS
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Split a paragraph into sentences with one rule.
+
+    A boundary is the whitespace after a run of ``.``, ``!`` or ``?`` (plus any closing
+    quotes or brackets) when the next word starts, after any opening quotes or brackets
+    (spaced or not), with an upper-case letter or a digit. After a ``.`` there is no boundary when the word
+    before it is a single letter (initials), contains a period (``U.S.``) or is a common
+    abbreviation (``Mr.``, ``St.``, ``No.``, ...). Joining the sentences with spaces gives
+    the paragraph back up to whitespace: splitting never loses text.
+    """
+    sentences, start = [], 0
+    for match in _TERMINATOR.finditer(paragraph):
+        following = paragraph[match.end():match.end() + 16].lstrip(_OPENERS + " ")[:1]  # WikiText: '. " He'
+        if not (following.isupper() or following.isdigit()):
+            continue
+        if match.group()[0] == "." and _is_abbreviation(paragraph[start:match.start()]):
+            continue
+        sentences.append(paragraph[start:match.end()].strip())
+        start = match.end()
+    tail = paragraph[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+def pack_document(sentence_ids: Iterable[list[int]], budget: int) -> Iterator[list[int]]:
+    """Greedy packing of one document's sentences (token ids, no special tokens) into
+    sequences of at most ``budget`` tokens. A sentence longer than ``budget`` is truncated
+    to it and forms a sequence alone; empty sentences are skipped."""
+    current: list[int] = []
+    for ids in sentence_ids:
+        if not ids:
+            continue
+        if len(ids) > budget:
+            if current:
+                yield current
+            yield ids[:budget]
+            current = []
+        elif len(current) + len(ids) > budget:
+            yield current
+            current = list(ids)
+        else:
+            current.extend(ids)
+    if current:
+        yield current
+
+
+# ----------------------------------------------------------------------------- shard workers
+
+_WORKER: dict = {}
+
+
+def _init_worker(settings: dict) -> None:
+    """Per process: the backend tokenizer rebuilt from its JSON (no transformers, no torch)."""
+    if settings["single_threaded"]:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    from tokenizers import Tokenizer
+
+    _WORKER.clear()
+    _WORKER.update(settings, backend=Tokenizer.from_str(settings["tokenizer_json"]))
+
+
+def _encoded_sentences(docs: list[list[str]], backend) -> Iterator[tuple[int, list[int]]]:
+    """(document number, token ids) for every sentence, encoded in batches."""
+    numbers: list[int] = []
+    texts: list[str] = []
+    for number, doc in enumerate(docs):
+        for paragraph in doc:
+            for sentence in split_sentences(paragraph):
+                numbers.append(number)
+                texts.append(sentence)
+                if len(texts) >= _ENCODE_BATCH:
+                    yield from zip(numbers, (e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)))
+                    numbers, texts = [], []
+    if texts:
+        yield from zip(numbers, (e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)))
+
+
+def _save_npy(path: str, array: np.ndarray) -> dict:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
+        np.save(f, array, allow_pickle=False)
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def _run_shard(index: int, docs: list[list[str]]) -> dict:
+    """Tokenize, pack and write one shard; returns its manifest record."""
+    prefix, suffix = _WORKER["prefix_ids"], _WORKER["suffix_ids"]
+    budget = _WORKER["max_seq_length"] - len(prefix) - len(suffix)
+    dtype = np.dtype(_WORKER["dtype"])
+    stats = {"num_sentences": 0, "num_truncated_sentences": 0, "num_dropped_tokens": 0}
+
+    def counted(group):
+        for _, ids in group:
+            stats["num_sentences"] += 1
+            if len(ids) > budget:
+                stats["num_truncated_sentences"] += 1
+                stats["num_dropped_tokens"] += len(ids) - budget
+            yield ids
+
+    parts, lengths, flat = [], [], []
+    for _, group in groupby(_encoded_sentences(docs, _WORKER["backend"]), key=lambda item: item[0]):
+        for sequence in pack_document(counted(group), budget):
+            flat.extend(prefix)
+            flat.extend(sequence)
+            flat.extend(suffix)
+            lengths.append(len(prefix) + len(sequence) + len(suffix))
+            if len(flat) >= 1 << 20:
+                parts.append(np.asarray(flat, dtype=dtype))
+                flat = []
+    parts.append(np.asarray(flat, dtype=dtype))
+    tokens = np.concatenate(parts)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+
+    record = {"index": index, "num_documents": len(docs), "num_sequences": len(lengths),
+              "num_tokens": int(tokens.size), **stats, "files": {}}
+    out_dir = _WORKER["output_dir"]
+    for kind, array in (("tokens", tokens), ("offsets", offsets)):
+        name = shard_file_name(index, kind)
+        record["files"][kind] = {"name": name, **_save_npy(os.path.join(out_dir, f"{name}.tmp"), array)}
+    for kind in ("tokens", "offsets"):  # both complete before either gets its final name
+        name = record["files"][kind]["name"]
+        os.replace(os.path.join(out_dir, f"{name}.tmp"), os.path.join(out_dir, name))
+    return record
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class PrepareReport:
+    """What one prepare_corpus call did."""
+
+    manifest: dict
+    shards_written: int
+    shards_kept: int
+    tokens_written: int
+    elapsed_s: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> str:
+        m = self.manifest
+        return (f"{m['num_sequences']:,} sequences, {m['num_tokens']:,} tokens in {m['num_shards']} shards "
+                f"({self.shards_written} written, {self.shards_kept} kept from an earlier run); "
+                f"{m['num_truncated_sentences']:,} over-long sentences truncated "
+                f"({m['num_dropped_tokens']:,} tokens dropped); {self.elapsed_s:.1f} s, "
+                f"{self.tokens_per_second:,.0f} tokens/s")
+
+
+_OUTPUT_OPTIONS = ("input_format", "chars_per_shard", "max_documents", "hub", "hub_config", "hub_split")
+
+
+def _fingerprint(manifest: dict) -> dict:
+    """The settings that determine the shards' bytes (a restart must match them)."""
+    tokenizer = {k: v for k, v in manifest["tokenizer"].items() if k != "name_or_path"}
+    options = {k: manifest["options"].get(k) for k in _OUTPUT_OPTIONS}
+    return {"format_version": manifest["format_version"], "splitter": manifest["splitter"],
+            "max_seq_length": manifest["max_seq_length"], "dtype": manifest["dtype"],
+            "tokenizer": tokenizer, "special_tokens": manifest["special_tokens"],
+            "inputs": manifest["inputs"], "options": options}
+
+
+def _check_config(config: CorpusConfig) -> list[dict]:
+    """Validate flags and inputs; returns the input records. All before any work."""
+    paths = [p.strip() for p in config.input.split(",") if p.strip()]
+    if bool(paths) == bool(config.hub):
+        raise UserError("give exactly one of --input FILES or --hub NAME")
+    if config.input_format not in INPUT_FORMATS:
+        raise UserError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}")
+    for flag in ("max_seq_length", "num_workers", "chars_per_shard"):
+        if getattr(config, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(config, flag)}")
+    if config.max_documents < 0:
+        raise UserError(f"--max_documents must be >= 0, got {config.max_documents}")
+    if config.hub:
+        return [{"hub": config.hub, "config": config.hub_config, "split": config.hub_split}]
+    inputs = []
+    for path in paths:
+        check_text_file(path)
+        inputs.append({"path": os.path.abspath(path), "format": resolve_format(path, config.input_format),
+                       "bytes": os.path.getsize(path)})
+    return inputs
+
+
+def _kept_shards(output_dir: str, manifest: dict, overwrite: bool) -> dict[int, dict]:
+    """Records of finished shards from an earlier run with the same settings whose files
+    still match their checksums. A corpus made with other settings is an error unless
+    ``overwrite`` (then its files are removed)."""
+    path = os.path.join(output_dir, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return {}
+    for name in os.listdir(output_dir):  # left by an interrupted write
+        if re.fullmatch(r"shard_\d+\.(tokens|offsets)\.npy\.tmp", name):
+            os.remove(os.path.join(output_dir, name))
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        old_print = _fingerprint(old)
+    except (ValueError, KeyError, TypeError):
+        old, old_print = None, None
+    new_print = _fingerprint(manifest)
+    if old_print != new_print:
+        if not overwrite:
+            what = "an unreadable manifest" if old_print is None else "different " + ", ".join(
+                k for k in new_print if old_print.get(k) != new_print[k])
+            raise UserError(f"{output_dir} holds a corpus with {what}; use another --output_dir or --overwrite")
+        for name in os.listdir(output_dir):
+            if name == MANIFEST_NAME or re.fullmatch(r"shard_\d+\.(tokens|offsets)\.npy(\.tmp)?", name):
+                os.remove(os.path.join(output_dir, name))
+        return {}
+    kept = {}
+    for record in old.get("shards", []):
+        files = [os.path.join(output_dir, f["name"]) for f in record["files"].values()]
+        if all(os.path.isfile(p) and os.path.getsize(p) == f["bytes"] and file_sha256(p) == f["sha256"]
+               for p, f in zip(files, record["files"].values())):
+            kept[record["index"]] = record
+    return kept
+
+
+def _shard_stream(inputs: list[dict], config: CorpusConfig, unk_token: str | None, hub_stream):
+    """(index, documents) in input order, cut every ``chars_per_shard`` characters."""
+
+    def documents():
+        count = 0
+        for source in inputs:
+            if "hub" in source:
+                docs = iter_hub_documents(hub_stream, config.chars_per_shard)
+            else:
+                docs = iter_documents(source["path"], source["format"], unk_token, config.chars_per_shard)
+            for doc in docs:
+                if config.max_documents and count >= config.max_documents:
+                    return
+                count += 1
+                yield doc
+
+    index, shard, chars = 0, [], 0
+    for doc in documents():
+        shard.append(doc)
+        chars += sum(map(len, doc))
+        if chars >= config.chars_per_shard:
+            yield index, shard
+            index, shard, chars = index + 1, [], 0
+    if shard:
+        yield index, shard
+
+
+def prepare_corpus(config: CorpusConfig) -> PrepareReport:
+    """Build (or finish) the corpus in ``config.output_dir``; see the module docstring."""
+    inputs = _check_config(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+    specials = special_token_ids(tokenizer)
+    if config.max_seq_length <= len(specials["prefix_ids"]) + len(specials["suffix_ids"]):
+        raise UserError(f"--max_seq_length {config.max_seq_length} leaves no room next to the special tokens")
+    identity = tokenizer_identity(tokenizer)
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False,
+                "splitter": SPLITTER_VERSION, "max_seq_length": config.max_seq_length,
+                "dtype": token_dtype(identity["vocab_size"]), "tokenizer": identity, "special_tokens": specials,
+                "inputs": inputs, "options": dataclasses.asdict(config)}
+    records = _kept_shards(config.output_dir, manifest, config.overwrite)
+    hub_stream = open_hub_dataset(config.hub, config.hub_config, config.hub_split) if config.hub else None
+    os.makedirs(config.output_dir, exist_ok=True)
+    manifest_path = os.path.join(config.output_dir, MANIFEST_NAME)
+
+    def save(complete: bool) -> None:
+        manifest["complete"] = complete
+        manifest["shards"] = [records[i] for i in sorted(records)]
+        write_json_atomic(manifest_path, manifest)
+
+    save(False)
+    kept = set(records)
+    settings = {"tokenizer_json": tokenizer.backend_tokenizer.to_str(), "prefix_ids": specials["prefix_ids"],
+                "suffix_ids": specials["suffix_ids"], "max_seq_length": config.max_seq_length,
+                "dtype": manifest["dtype"], "output_dir": config.output_dir,
+                "single_threaded": config.num_workers > 1}
+    bar = tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not config.progress)
+    written = {"shards": 0, "tokens": 0}
+    num_shards = 0
+
+    def finished(record: dict) -> None:
+        records[record["index"]] = record
+        save(False)
+        written["shards"] += 1
+        written["tokens"] += record["num_tokens"]
+        bar.update(record["num_tokens"])
+        bar.set_postfix(shards=len(records))
+
+    start = time.perf_counter()
+    shards = _shard_stream(inputs, config, tokenizer.unk_token, hub_stream)
+    try:
+        if config.num_workers == 1:
+            _init_worker(settings)
+            for index, docs in shards:
+                num_shards = index + 1
+                if index not in kept:
+                    finished(_run_shard(index, docs))
+        else:
+            with ProcessPoolExecutor(config.num_workers, mp_context=get_context("spawn"),
+                                     initializer=_init_worker, initargs=(settings,)) as pool:
+                pending = set()
+                try:
+                    for index, docs in shards:
+                        num_shards = index + 1
+                        if index in kept:
+                            continue
+                        pending.add(pool.submit(_run_shard, index, docs))
+                        while len(pending) >= 2 * config.num_workers:  # bounds the text held in memory
+                            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                            for future in done:
+                                finished(future.result())
+                    while pending:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            finished(future.result())
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+
+    for index in [i for i in records if i >= num_shards]:
+        del records[index]  # cannot happen with matching settings; never leave them listed
+    totals = {key: sum(r[key] for r in records.values()) for key in
+              ("num_documents", "num_sequences", "num_tokens", "num_sentences",
+               "num_truncated_sentences", "num_dropped_tokens")}
+    if not totals["num_sequences"]:
+        raise UserError("the inputs hold no text to tokenize (only headings or blank lines)")
+    manifest.update(num_shards=num_shards, **totals)
+    save(True)
+    return PrepareReport(manifest, written["shards"], len(kept & set(records)), written["tokens"], elapsed)

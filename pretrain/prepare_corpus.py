@@ -1,0 +1,33 @@
+"""Tokenize a text corpus into memory-mapped shards for general distillation.
+
+    python pretrain/prepare_corpus.py --input wiki.train.raw,wiki.valid.raw \
+        --tokenizer TEACHER_DIR --output_dir corpus/ --num_workers 8
+    python pretrain/prepare_corpus.py --hub wikimedia/wikipedia --hub_config 20231101.en \
+        --tokenizer TEACHER_DIR --output_dir corpus/ --num_workers 32
+
+Rerun the same command after an interruption: finished shards are kept. What the corpus
+holds and how it is cut is documented in lrcbert/corpus_prepare.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lrcbert.config import parse_args
+from lrcbert.corpus_prepare import CorpusConfig, prepare_corpus  # no torch: spawned workers re-import this script
+from lrcbert.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(CorpusConfig, argv, description=__doc__)
+    try:
+        report = prepare_corpus(config)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{config.output_dir}: {report.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
