@@ -125,8 +125,9 @@ def load_examples(args: GlueArgs, task, split: str, limit: int):
         ex = glue_tasks.read_split(task, args.data_dir, split)
     else:
         ex = glue_tasks.load_hub_split(task, split)
-    if limit > 0:
-        ex = ex.head(limit)
+    if 0 < limit < len(ex):
+        ex = glue_tasks.Examples(ex.text_a[:limit], ex.text_b[:limit] if ex.text_b is not None else None,
+                                 ex.labels[:limit] if ex.labels is not None else None, ex.index[:limit])
     return ex
 
 
@@ -143,6 +144,10 @@ def setup(args: GlueArgs):
     settings = eng.TrainerSettings(args.micro_batch_size, args.gradient_accumulation_steps, world,
                                    args.max_grad_norm, args.precision)
     ds_config = eng.resolve_ds_config(args.ds_config, settings)
+    eng.check_precision_supported(args.precision)
+    if args.stage == "distill" and args.perturb and ds_config["zero_optimization"].get("stage", 0) == 3:
+        raise UserError(f"{args.ds_config}: gradient perturbation needs dL/de, which ZeRO-3's module hooks hide "
+                        "from autograd in this DeepSpeed version; use ZeRO-1/2 (ds_configs/z2.json) or --perturb false")
     teacher_cfg = load_config(args.teacher, "teacher")
     tokenizer = load_tokenizer(args.teacher)
     if args.stage == "distill":
@@ -224,8 +229,8 @@ def write_test_predictions(task, forward, encoded, args, pad_id, device) -> list
         data = encoded[split]
         preds = to_predictions(task, predict(forward, data, args.eval_batch_size, pad_id, device))
         if eng.is_main():
-            written.append(glue_tasks.write_submission(task, split, data.index, preds,
-                                                       os.path.join(args.output_dir, "submission")))
+            written.append(str(glue_tasks.write_submission(task, split, data.index, preds,
+                                                           os.path.join(args.output_dir, "submission"))))
     return written
 
 
@@ -401,21 +406,24 @@ def distill_loss(args, engine, objective, teacher, batch, weights, rank, step):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
         negatives = objective.batch_negatives(t_vectors, gen)
 
-    def loss_of(delta=None):
-        s_logits, _, s_embed, projected = engine(batch["input_ids"], mask, batch["token_type_ids"], delta)
+    def loss_of(delta=None, forward=engine):
+        s_logits, _, s_embed, projected = forward(batch["input_ids"], mask, batch["token_type_ids"], delta)
         total, logs = objective(weights, mask, projected, t_hidden, t_vectors, negatives,
                                 s_logits, t_logits, batch["labels"])
         return total, logs, s_embed
 
-    clean, clean_logs, embeddings = loss_of()
     if not args.perturb:
-        return clean, clean_logs
+        return loss_of()[:2]
+    # The clean pass only feeds dL/de, so it bypasses the engine wrapper: DeepSpeed hooks
+    # the wrapper's outputs and would run its gradient-reduction epilogue on that pass.
+    # (ZeRO-3 still gathers parameters through its per-submodule hooks.)
+    clean, clean_logs, embeddings = loss_of(forward=engine.module)
     keep_clean = args.perturb_mode == "add"
     delta = perturbation_delta(clean, embeddings, args.epsilon, engine.loss_scale, retain_graph=keep_clean)
     clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
     if delta is None:  # fp16 overflow in the direction: train on the clean pass this step
         return clean, {**clean_logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}
-    perturbed, logs = loss_of(delta)
+    perturbed, logs, _ = loss_of(delta)
     logs.update(clean_named)
     logs["perturb_skipped"] = torch.tensor(0.0)
     if keep_clean:

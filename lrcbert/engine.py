@@ -149,6 +149,18 @@ def _walk(node, prefix=""):
         yield prefix.rstrip("."), node
 
 
+def check_precision_supported(precision: str) -> None:
+    """Refuse a precision the accelerator cannot train in, before any process starts work."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if precision == "fp16" and not acc.is_fp16_supported():
+        raise UserError(f"--precision fp16 is not supported on this {acc.device_name()} device "
+                        "(on CPUs DeepSpeed needs AVX512-FP16); use --precision bf16 or fp32")
+    if precision == "bf16" and not acc.is_bf16_supported():
+        raise UserError(f"--precision bf16 is not supported on this {acc.device_name()} device; use fp16 or fp32")
+
+
 # ---------------------------------------------------------------- initialize / train
 
 def init_distributed(timeout_s: float = 1800.0) -> None:
@@ -246,12 +258,15 @@ class Engine:
 
     # ------------------------------------------------------------ checkpoints
 
-    def save(self, save_dir: str, step: int, client_state: dict, keep_last: int = 3) -> str:
+    def save(self, save_dir: str, step: int, client_state: dict, keep_last: int = 3,
+             rank_state: dict | None = None) -> str:
         """Atomic checkpoint: written as ``.tmp-step-N``, renamed, then ``latest`` updated.
 
         Holds the DeepSpeed states (weights, optimizer, scheduler, loss scaler), the
         caller's ``client_state`` (data cursor, stage, bank, config) and every rank's RNG
         state. A crash mid-save leaves the previous checkpoint and ``latest`` intact.
+        ``rank_state`` is saved per rank (e.g. this rank's memory-bank shard): DeepSpeed
+        writes ``client_state`` from rank 0 only.
         """
         tag = f"step-{step:07d}"
         tmp_tag = f".tmp-{tag}"
@@ -263,6 +278,8 @@ class Engine:
         self.engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(rng_state(), os.path.join(save_dir, tmp_tag, f"rng_rank{rank:05d}.pt"))
+        if rank_state is not None:
+            torch.save(rank_state, os.path.join(save_dir, tmp_tag, f"state_rank{rank:05d}.pt"))
         barrier()
         if is_main():
             final = os.path.join(save_dir, tag)
@@ -274,7 +291,11 @@ class Engine:
         return os.path.join(save_dir, tag)
 
     def load(self, save_dir: str) -> dict:
-        """Restore the newest complete checkpoint; returns its client state."""
+        """Restore the newest complete checkpoint; returns its client state.
+
+        Every rank's ``rank_state`` files are listed under ``client_state["rank_state_files"]``
+        (in rank order) so callers can re-shard when the world size changed.
+        """
         tag = latest_tag(save_dir)
         if tag is None:
             raise UserError(f"--resume: no checkpoint in {save_dir} (no '{LATEST}' file)")
@@ -288,6 +309,9 @@ class Engine:
         rng_path = os.path.join(save_dir, tag, f"rng_rank{rank:05d}.pt")
         if saved_world == world and os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=False))
+        folder = os.path.join(save_dir, tag)
+        client_state["rank_state_files"] = sorted(
+            os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("state_rank"))
         return client_state
 
 

@@ -109,9 +109,10 @@ class DistillStudent(nn.Module):
         self.mapped_layers = list(mapped_layers)
         self.projections = (Projections(len(mapped_layers), model.config.hidden_size, teacher_width)
                             if mapped_layers else None)
-        self.tap = EmbeddingTap(model.base_model.embeddings)
+        self.tap = EmbeddingTap(model.base_model.encoder)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, embedding_delta=None):
+        self.tap.install()
         with self.tap.perturbed(embedding_delta):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                              output_hidden_states=True, return_dict=True)

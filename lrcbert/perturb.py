@@ -46,23 +46,37 @@ def perturbation_delta(loss: torch.Tensor, embeddings: torch.Tensor, epsilon: fl
 
 
 class EmbeddingTap:
-    """Captures a model's embedding output and optionally adds a delta to it.
+    """Captures the embedding output e as the encoder receives it, optionally shifted by a delta.
 
-    Installed as a forward hook on ``model.base_model.embeddings`` (any Hugging Face
-    BERT-style encoder). ``captured`` holds the (B, T, D) output of the last forward,
-    including the delta, so the loss can be differentiated w.r.t. it.
+    A forward pre-hook on ``model.base_model.encoder`` (any Hugging Face BERT-style model):
+    its first input is the embedding output. Tapping the encoder's input rather than the
+    embeddings' output matters under ZeRO-3, whose hooks re-wrap tensors between modules:
+    the tensor the encoder consumes is the one the loss can be differentiated against.
+    ``captured`` holds the (B, T, D) tensor of the last forward, delta included.
     """
 
-    def __init__(self, embeddings: nn.Module):
+    def __init__(self, encoder: nn.Module):
         self.delta: torch.Tensor | None = None
         self.captured: torch.Tensor | None = None
-        self._handle = embeddings.register_forward_hook(self._hook)
+        self._encoder = encoder
+        self._handle = None
 
-    def _hook(self, module, inputs, output):
+    def install(self) -> None:
+        """(Re-)register the hook as the encoder's last pre-hook. Called at every forward:
+        ZeRO-3 adds pre-hooks of its own (some during the first forward) that re-wrap the
+        encoder's input, and ours must see the tensor the encoder will really use."""
+        self.remove()
+        self._handle = self._encoder.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if args:
+            hidden, args = args[0], args[1:]
+        else:
+            hidden = kwargs.pop("hidden_states")
         if self.delta is not None:
-            output = output + self.delta
-        self.captured = output
-        return output
+            hidden = hidden + self.delta
+        self.captured = hidden
+        return (hidden, *args), kwargs
 
     @contextmanager
     def perturbed(self, delta: torch.Tensor | None):
@@ -74,4 +88,6 @@ class EmbeddingTap:
             self.delta = None
 
     def remove(self):
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
