@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="LRC-BERT: latent-representation contrastive knowledge distillation, "
     "general (Wikipedia) and task (GLUE) stages on DeepSpeed",
-    packages=find_packages(include=["lrcbert", "lrcbert.*"]),
+    packages=find_packages(include=["lrcbert", "lrcbert.*", "finetune", "pretrain"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -26,9 +26,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "lrcbert-glue=lrcbert.cli:glue_main",
-            "lrcbert-pretrain=lrcbert.cli:pretrain_main",
-            "lrcbert-prepare-corpus=lrcbert.cli:prepare_corpus_main",
+            "lrcbert-glue=finetune.glue:main",
+            "lrcbert-pretrain=pretrain.general_distill:main",
+            "lrcbert-prepare-corpus=pretrain.prepare_corpus:main",
         ]
     },
 )

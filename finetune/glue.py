@@ -57,6 +57,7 @@ class GlueArgs:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     num_epochs: float | None = field(default=None, metadata={"help": "epochs; default from the task table (90 for datasets under 10k examples, 18 otherwise)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_epochs when > 0"})
+    stop_after_steps: int = field(default=-1, metadata={"help": "checkpoint and stop after this many steps without changing the schedule (resume later with --resume)"})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example, special tokens included"})
     temperature: float = field(default=1.1, metadata={"help": "soft-loss temperature t"})
     stage1_fraction: float = field(default=0.8, metadata={"help": "fraction of steps in loss stage 1 (0 = no two-stage schedule)"})
@@ -365,6 +366,14 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
             engine.train()
         if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
             engine.save(ckpt_dir, done, client_state(), args.keep_checkpoints)
+        if 0 < args.stop_after_steps <= done < total_steps:
+            if args.save_steps <= 0 or done % args.save_steps:
+                engine.save(ckpt_dir, done, client_state(), args.keep_checkpoints)
+            if main_rank:
+                print(f"stopped after step {done} of {total_steps}; continue with --resume")
+            monitor.close()
+            eng.barrier()
+            return
 
     # ---- evaluate and save
     engine.eval()

