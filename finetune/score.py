@@ -1,0 +1,71 @@
+"""Score an exported model on a GLUE dev split with plain transformers.
+
+    python finetune/score.py --model runs/sst2-student/model --task sst2 --data_dir GLUE/SST-2
+
+The model is loaded with ``AutoModelForSequenceClassification.from_pretrained`` and nothing
+else from this project touches it: the figure checks what a user of the export will see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from lrcbert import glue_tasks  # noqa: E402
+from lrcbert.config import parse_args  # noqa: E402
+from lrcbert.errors import UserError  # noqa: E402
+
+
+@dataclass
+class ScoreArgs:
+    """Score a Hugging Face sequence classifier on GLUE dev splits."""
+
+    model: str = field(metadata={"help": "exported model directory (OUTPUT_DIR/model)"})
+    task: str = field(metadata={"help": "GLUE task"})
+    data_dir: str = field(metadata={"help": "GLUE task folder with dev TSV files"})
+    max_seq_length: int = field(default=128, metadata={"help": "truncation length"})
+    max_eval_samples: int = field(default=-1, metadata={"help": "first N examples of each dev split"})
+    batch_size: int = field(default=64, metadata={"help": "examples per batch"})
+
+
+@torch.no_grad()
+def score(args: ScoreArgs) -> dict[str, dict[str, float]]:
+    task = glue_tasks.get_task(args.task)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    results = {}
+    for split in task.dev_splits:
+        ex = glue_tasks.read_split(task, args.data_dir, split)
+        n = len(ex) if args.max_eval_samples <= 0 else min(len(ex), args.max_eval_samples)
+        outs = []
+        for start in range(0, n, args.batch_size):
+            stop = min(start + args.batch_size, n)
+            enc = tokenizer(ex.text_a[start:stop], ex.text_b[start:stop] if ex.text_b else None, truncation=True,
+                            max_length=args.max_seq_length, padding=True, return_tensors="pt")
+            outs.append(model(**enc).logits.float())
+        logits = torch.cat(outs)
+        preds = logits.reshape(-1).numpy() if task.is_regression else logits.argmax(-1).numpy()
+        results[split] = glue_tasks.compute_metrics(task, preds, np.asarray(ex.labels[:n]))
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(ScoreArgs, argv)
+    try:
+        print(json.dumps(score(args)))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
