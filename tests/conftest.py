@@ -1,0 +1,8 @@
+"""Shared pytest configuration."""
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slurm: starts a real SLURM cluster on this machine (needs root)"
+    )
+    config.addinivalue_line("markers", "slow: long-running test")
