@@ -31,16 +31,38 @@ LATEST = "latest"
 
 # ---------------------------------------------------------------- ranks (from the launcher's env)
 
+# Launchers: the deepspeed launcher / torchrun set RANK, WORLD_SIZE, LOCAL_RANK; under
+# `srun` (one task per GPU) the SLURM variables stand in for them; under `mpirun` the
+# Open MPI ones (DeepSpeed's MPI discovery fills MASTER_ADDR/PORT from mpi4py).
+_RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+_WORLD_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_LOCAL_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+def _first_env(names: tuple[str, ...], default: str) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return int(default)
+
+
+def export_launcher_env() -> None:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK from SLURM or Open MPI variables when a launcher left them out."""
+    for target, names in (("RANK", _RANK_VARS), ("WORLD_SIZE", _WORLD_VARS), ("LOCAL_RANK", _LOCAL_VARS)):
+        if target not in os.environ:
+            os.environ[target] = str(_first_env(names, "1" if target == "WORLD_SIZE" else "0"))
+
+
 def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return _first_env(_RANK_VARS, "0")
 
 
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _first_env(_WORLD_VARS, "1")
 
 
 def env_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _first_env(_LOCAL_VARS, "0")
 
 
 def is_main() -> bool:
@@ -169,6 +191,9 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    export_launcher_env()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env_local_rank())
