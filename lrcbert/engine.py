@@ -47,7 +47,15 @@ def _first_env(names: tuple[str, ...], default: str) -> int:
 
 
 def export_launcher_env() -> None:
-    """Set RANK/WORLD_SIZE/LOCAL_RANK from SLURM or Open MPI variables when a launcher left them out."""
+    """Set RANK/WORLD_SIZE/LOCAL_RANK (and a local master) when the launcher left them out.
+
+    Under ``mpirun`` nothing is set: DeepSpeed's MPI discovery (mpi4py) finds the ranks and
+    broadcasts rank 0's address as the master.
+    """
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
     for target, names in (("RANK", _RANK_VARS), ("WORLD_SIZE", _WORLD_VARS), ("LOCAL_RANK", _LOCAL_VARS)):
         if target not in os.environ:
             os.environ[target] = str(_first_env(names, "1" if target == "WORLD_SIZE" else "0"))
@@ -192,8 +200,6 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
     if dist.is_available() and dist.is_initialized():
         return
     export_launcher_env()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env_local_rank())
