@@ -93,18 +93,6 @@ class GlueArgs:
 
 # ------------------------------------------------------------------------------------ setup
 
-def check_output_dir(args: GlueArgs) -> None:
-    if not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
-        return
-    if args.resume:
-        if eng.latest_tag(os.path.join(args.output_dir, "checkpoints")) is None:
-            raise UserError(f"--resume: {args.output_dir} holds no checkpoint to resume from")
-        return
-    if not args.overwrite_output_dir:
-        raise UserError(f"output dir {args.output_dir} already holds a run; pass --resume to continue it "
-                        "or --overwrite_output_dir to replace it")
-
-
 def check_teacher_labels(task, config, path: str) -> None:
     """The teacher must predict this task's labels in this task's order."""
     wanted = 1 if task.is_regression else task.num_labels
@@ -137,7 +125,7 @@ def setup(args: GlueArgs):
     task = glue_tasks.get_task(args.task)
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir not found: {args.data_dir}")
-    check_output_dir(args)
+    eng.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
     for name in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")

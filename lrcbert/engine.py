@@ -354,6 +354,19 @@ def checkpoint_world_size(save_dir: str) -> int | None:
     return len([f for f in os.listdir(os.path.join(save_dir, tag)) if f.startswith("rng_rank")])
 
 
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """An output dir that already holds a run is used only with --resume or --overwrite_output_dir."""
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    if resume:
+        if latest_tag(os.path.join(output_dir, "checkpoints")) is None:
+            raise UserError(f"--resume: {output_dir} holds no checkpoint to resume from")
+        return
+    if not overwrite:
+        raise UserError(f"output dir {output_dir} already holds a run; pass --resume to continue it "
+                        "or --overwrite_output_dir to replace it")
+
+
 def latest_tag(save_dir: str) -> str | None:
     path = os.path.join(save_dir, LATEST)
     if not os.path.isfile(path):
