@@ -39,6 +39,8 @@ class ScoreArgs:
 @torch.no_grad()
 def score(args: ScoreArgs) -> dict[str, dict[str, float]]:
     task = glue_tasks.get_task(args.task)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"--model {args.model} is not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
     results = {}
