@@ -1,0 +1,527 @@
+"""General distillation with LRC-BERT: COS-NCE on unlabeled text, with gradient perturbation.
+
+    python pretrain/prepare_corpus.py --input wiki.train.raw --tokenizer TEACHER_DIR --output_dir corpus/
+    deepspeed pretrain/general_distill.py --ds_config ds_configs/z2.json --config configs/pretrain_small.json \
+        --teacher TEACHER_DIR --corpus corpus/ --output_dir runs/general
+
+Env-based launchers (srun, torchrun) work too: ranks come from RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT. The loop is written out: setup -> train (teacher forward, clean
+student pass, gradient perturbation, perturbed pass, backward, step, enqueue into the memory
+bank) -> checkpoint -> export. The student in ``OUTPUT_DIR/model`` is a plain encoder
+(``AutoModel.from_pretrained`` loads it) for ``finetune/glue.py --student``.
+
+Choices of ours (the paper gives no general-distillation recipe beyond "COS-NCE on Wikipedia"):
+- The loss is COS-NCE summed over the mapped layers; no prediction-layer loss (alpha = 1).
+- ``--negatives bank`` (default): K negatives per sample from the sharded FIFO memory bank
+  of pooled teacher vectors of earlier steps (MoCo-style), never the sample's own corpus
+  row. Until the bank holds K + 1 vectors (the first ceil((K + 1) / global batch) steps)
+  negatives come from the other rows of the global micro-batch, K capped at its size - 1;
+  ``bank/in_use`` in TensorBoard shows which source a step used.
+- Every micro-batch's teacher vectors are enqueued after the optimizer step, so all
+  micro-batches of one step score against the same bank. Vectors are zero-padded to
+  ``max_seq_length`` tokens (flatten pooling), which changes no cosine.
+- Under bf16/fp16 the frozen teacher runs in that precision too (its forward is most of
+  the cost); cosines are fp32 everywhere.
+- The student's pooler gets no gradient from COS-NCE and is frozen (the task stage trains it).
+- SIGUSR1 or SIGTERM: the current step finishes, every rank checkpoints, ``OUTPUT_DIR/preempted``
+  is written and the process exits 0 (``--resume`` continues; e.g. ``sbatch --signal=USR1@120``
+  with ``--requeue``). Under the ``deepspeed`` launcher, signal the ranks, or SIGTERM the launcher,
+  which gives them 30 s.
+- ``--resume`` at another world size re-shards the bank (``MemoryBank.reshard``) and converts
+  the data position; DeepSpeed 0.19 reloads ZeRO-partitioned optimizer state only at the world
+  size that saved it, so with ZeRO-1/2/3 (or bf16's optimizer) such a resume is refused at
+  start-up; a ZeRO-0 fp32 run can change its world size.
+
+``--config FILE.json`` reads flag values from a JSON object whose keys are flag names
+(``{"micro_batch_size": 32, "perturb": true}``); flags on the command line override it and
+an unknown key is an error. ``configs/pretrain_*.json`` are examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lrcbert import engine as eng  # noqa: E402
+from lrcbert.bank import MemoryBank  # noqa: E402
+from lrcbert.config import parse_args  # noqa: E402
+from lrcbert.corpus import CorpusDataset, RankBatches, check_compatible  # noqa: E402
+from lrcbert.distill import LRCObjective, ObjectiveConfig  # noqa: E402
+from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.layer_map import format_layer_map, parse_layer_map  # noqa: E402
+from lrcbert.losses import POOLING_MODES, LossWeights  # noqa: E402
+from lrcbert.models import (DistillStudent, StudentShape, count_parameters, export_hf, freeze,  # noqa: E402
+                            load_config, load_tokenizer, student_config, teacher_forward)
+from lrcbert.monitor import Monitor  # noqa: E402
+from lrcbert.perturb import PERTURB_MODES, perturbation_delta  # noqa: E402
+from lrcbert.schedule import warmup_linear_decay, warmup_steps_from  # noqa: E402
+
+COS_ONLY = LossWeights(1.0, 0.0, 0.0)  # general distillation: COS-NCE only, alpha = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREEMPTED = "preempted"  # marker file in OUTPUT_DIR: the run stopped on a signal and can be resumed
+
+
+@dataclass
+class PretrainArgs:
+    """LRC-BERT general distillation: COS-NCE with gradient perturbation on a tokenized corpus."""
+
+    teacher: str = field(metadata={"help": "teacher: a Hugging Face BERT-style encoder dir (or hub name); frozen"})
+    corpus: str = field(metadata={"help": "corpus dir made by pretrain/prepare_corpus.py with the teacher's tokenizer"})
+    output_dir: str = field(metadata={"help": "where model/, checkpoints/, tensorboard/ and args.json go"})
+    config: str | None = field(default=None, metadata={"help": "JSON file of flag values (keys are flag names); command-line flags override it"})
+    student: str | None = field(default=None, metadata={"help": "student HF encoder dir to continue from; default: a fresh student of --student_* shape with the teacher's vocabulary"})
+    ds_config: str = field(default="ds_configs/z2.json", metadata={"help": "DeepSpeed config (ZeRO knobs; batch, clipping and precision are 'auto')"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, fp16 (dynamic loss scale) or bf16; the teacher runs in it too", "choices": list(eng.PRECISIONS)})
+    micro_batch_size: int = field(default=32, metadata={"help": "sequences per rank per micro-step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/LayerNorm)"})
+    warmup: float = field(default=0.01, metadata={"help": "warm-up: a fraction of the steps if < 1, else a step count; then linear decay to 0"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over the corpus (used when --max_steps <= 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps: the length of the lr schedule; overrides --num_epochs when > 0"})
+    stop_after_steps: int = field(default=-1, metadata={"help": "checkpoint and stop after this many steps without changing the schedule (resume later with --resume)"})
+    max_seq_length: int = field(default=128, metadata={"help": "tokens per sequence, special tokens included; must match the corpus"})
+    pooling: str = field(default="flatten", metadata={"help": "pooling of layer outputs for COS-NCE", "choices": list(POOLING_MODES)})
+    negatives: str = field(default="bank", metadata={"help": "bank: memory bank of earlier steps' teacher vectors (batch negatives until it holds K+1); batch: other rows of the global batch", "choices": ["bank", "batch"]})
+    num_negatives: int = field(default=15, metadata={"help": "K negatives per sample"})
+    bank_size: int = field(default=4096, metadata={"help": "memory bank slots (whole bank, all ranks): divisible by the world size, at least the global batch, more than K"})
+    bank_dtype: str = field(default="fp16", metadata={"help": "storage precision of the bank's vectors (maths is fp32)", "choices": list(DTYPES)})
+    perturb: bool = field(default=True, metadata={"help": "gradient perturbation on the student's embedding output"})
+    epsilon: float = field(default=1.0, metadata={"help": "perturbation radius: L2 norm of the shift per sample over (T, D)"})
+    perturb_mode: str = field(default="replace", metadata={"help": "replace: train on L(e') only (paper); add: L(e) + L(e')", "choices": list(PERTURB_MODES)})
+    layer_map: str = field(default="auto", metadata={"help": "teacher layer per student layer, e.g. 3,6,9,12; auto = floor(i*N/M)"})
+    student_layers: int = field(default=4, metadata={"help": "fresh student: layers"})
+    student_hidden: int = field(default=312, metadata={"help": "fresh student: hidden size"})
+    student_intermediate: int = field(default=1200, metadata={"help": "fresh student: FFN size"})
+    student_heads: int = field(default=12, metadata={"help": "fresh student: attention heads"})
+    save_steps: int = field(default=1000, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (oldest deleted first)"})
+    log_steps: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUTPUT_DIR/checkpoints/latest (another world size only without ZeRO partitions: the bank is re-sharded)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow an output dir that already holds a run"})
+    seed: int = field(default=42, metadata={"help": "random seed (data order, initialization, dropout, negatives)"})
+    dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the run fails"})
+
+
+# ------------------------------------------------------------------------------------ flags
+
+def config_file_argv(path: str) -> list[str]:
+    """``--config FILE.json`` as command-line tokens, so argparse types and checks every value."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config file not found: {path}")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a config file must be a JSON object of flag values")
+    known = {f.name: f for f in fields(PretrainArgs)}
+    argv = []
+    for key, value in values.items():
+        if key not in known or key == "config":
+            raise UserError(f"{path}: unknown key {key!r} (keys are this recipe's flag names; see --help)")
+        if value is None and known[key].default is None:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif not isinstance(value, (int, float, str)):
+            raise UserError(f"{path}: {key} must be a number, string or boolean, got {json.dumps(value)}")
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_flags(argv: list[str] | None = None) -> PretrainArgs:
+    """Flags, with ``--config`` values first so that command-line flags override them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    config_path = pre.parse_known_args(argv)[0].config
+    prefix = config_file_argv(config_path) if config_path else []
+    return parse_args(PretrainArgs, prefix + argv, description=__doc__.split("\n\n")[0])
+
+
+# ------------------------------------------------------------------------------------ setup
+
+@dataclass
+class Prepared:
+    """What setup validated and train needs."""
+
+    ds_config: dict
+    teacher_cfg: object
+    student_cfg: object
+    tokenizer: object
+    layer_map: list
+    corpus: CorpusDataset
+    total_steps: int
+    bank_dim: int
+    bank_bytes_per_rank: int
+
+
+def check_output_dir(args: PretrainArgs) -> None:
+    if not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
+        return
+    if args.resume:
+        if eng.latest_tag(os.path.join(args.output_dir, "checkpoints")) is None:
+            raise UserError(f"--resume: {args.output_dir} holds no checkpoint to resume from")
+        return
+    if not args.overwrite_output_dir:
+        raise UserError(f"output dir {args.output_dir} already holds a run; pass --resume to continue it "
+                        "or --overwrite_output_dir to replace it")
+
+
+def check_encoder(config, path: str, role: str) -> None:
+    """Refuse anything but an encoder-only model with a BERT-style encoder stack (hidden states per layer)."""
+    from transformers import AutoModel
+
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        raise UserError(f"{role} {path} ({kind}) is not an encoder-only model; use a BERT-style encoder")
+    try:
+        with torch.device("meta"):  # the architecture only: no memory, no weights read
+            model = AutoModel.from_config(config)
+    except Exception as exc:  # unknown or broken model types fail in many ways
+        raise UserError(f"{role} {path}: AutoModel cannot build a {kind} model ({str(exc).splitlines()[0]})") from None
+    if getattr(model.base_model, "encoder", None) is None:
+        raise UserError(f"{role} {path} ({type(model).__name__}) is not a BERT-style encoder: "
+                        "it has no encoder stack whose hidden states COS-NCE could use")
+
+
+def check_resume_world(ckpt_dir: str, world: int) -> None:
+    """The bank and the data position follow any world size; ZeRO-partitioned optimizer state does not."""
+    saved = eng.checkpoint_world_size(ckpt_dir)
+    if saved is None or saved == world:
+        return
+    folder = os.path.join(ckpt_dir, eng.latest_tag(ckpt_dir))
+    if any("zero_pp_rank_" in name for name in os.listdir(folder)):
+        raise UserError(f"--resume: {folder} was saved by {saved} ranks with ZeRO-partitioned optimizer state, "
+                        f"which DeepSpeed cannot load at world size {world}; resume with {saved} ranks")
+
+
+def setup(args: PretrainArgs) -> Prepared:
+    """Everything that can fail on bad input, before any process group or model exists."""
+    check_output_dir(args)
+    for name in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length", "log_steps",
+                 "num_negatives", "bank_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.max_steps <= 0 and args.num_epochs <= 0:
+        raise UserError("give a positive --max_steps or --num_epochs")
+    if args.save_steps < 0:
+        raise UserError("--save_steps must be 0 (only at the end) or positive")
+    world, rank = eng.env_world_size(), eng.env_rank()
+    settings = eng.TrainerSettings(args.micro_batch_size, args.gradient_accumulation_steps, world,
+                                   args.max_grad_norm, args.precision)
+    ds_config = eng.resolve_ds_config(args.ds_config, settings)
+    eng.check_precision_supported(args.precision)
+    if args.resume:
+        check_resume_world(os.path.join(args.output_dir, "checkpoints"), world)
+    if args.perturb and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise UserError(f"{args.ds_config}: gradient perturbation needs dL/de, which ZeRO-3's module hooks hide "
+                        "from autograd in this DeepSpeed version; use ZeRO-1/2 (ds_configs/z2.json) or --perturb false")
+
+    teacher_cfg = load_config(args.teacher, "teacher")
+    check_encoder(teacher_cfg, args.teacher, "teacher")
+    tokenizer = load_tokenizer(args.teacher)
+    if args.student:
+        scfg = load_config(args.student, "student")
+        check_encoder(scfg, args.student, "student")
+    else:
+        scfg = student_config(teacher_cfg, StudentShape(args.student_layers, args.student_hidden,
+                                                        args.student_intermediate, args.student_heads))
+    if scfg.vocab_size != teacher_cfg.vocab_size or len(tokenizer) > scfg.vocab_size:
+        raise UserError(f"student vocabulary ({scfg.vocab_size}) does not match the teacher's "
+                        f"({teacher_cfg.vocab_size}, tokenizer {len(tokenizer)})")
+    for role, cfg in (("teacher", teacher_cfg), ("student", scfg)):
+        positions = getattr(cfg, "max_position_embeddings", args.max_seq_length)
+        if args.max_seq_length > positions:
+            raise UserError(f"--max_seq_length {args.max_seq_length} exceeds the {role}'s {positions} positions")
+    layer_map = parse_layer_map(args.layer_map, scfg.num_hidden_layers, teacher_cfg.num_hidden_layers)
+
+    if not os.path.isdir(args.corpus):
+        raise UserError(f"--corpus directory not found: {args.corpus}")
+    corpus = CorpusDataset(args.corpus)
+    check_compatible(corpus, tokenizer, args.max_seq_length)
+    batches = RankBatches(corpus, args.micro_batch_size, rank, world, args.seed)  # refuses a too-small corpus
+    if args.max_steps > 0:
+        total_steps = args.max_steps
+    else:
+        total_steps = int(args.num_epochs * len(batches) / args.gradient_accumulation_steps)
+        if total_steps < 1:
+            raise UserError(f"--num_epochs {args.num_epochs} of {len(batches)} micro-batches is less than one "
+                            f"optimizer step of {args.gradient_accumulation_steps} micro-batches")
+
+    # flatten pooling: (T * d') per layer, zero-padded to max_seq_length tokens
+    bank_dim = teacher_cfg.hidden_size * (args.max_seq_length if args.pooling == "flatten" else 1)
+    bank_bytes = 0
+    if args.negatives == "bank":
+        probe = MemoryBank(len(layer_map), args.bank_size, bank_dim, rank, world, DTYPES[args.bank_dtype],
+                           device="meta")  # checks size vs world size without allocating
+        probe.validate(args.num_negatives, settings.global_batch_size)
+        bank_bytes = probe.bytes_per_rank()
+    return Prepared(ds_config, teacher_cfg, scfg, tokenizer, layer_map, corpus, total_steps, bank_dim, bank_bytes)
+
+
+# ------------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_flags(argv)
+        prepared = setup(args)
+    except UserError as exc:
+        if eng.env_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        train(args, prepared)
+    except UserError as exc:
+        if eng.is_main():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+class Preemption:
+    """SIGUSR1/SIGTERM only set a flag; the loop stops at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        """True on every rank if any rank got a signal (one tiny all-reduce per step)."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(args: PretrainArgs, p: Prepared) -> None:
+    eng.init_distributed(args.dist_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = eng.device()
+    main_rank = eng.is_main()
+    out = args.output_dir
+    if main_rank and args.overwrite_output_dir and not args.resume and os.path.isdir(out):
+        shutil.rmtree(out)
+    eng.barrier()
+    if main_rank:
+        os.makedirs(out, exist_ok=True)
+    eng.seed_everything(args.seed)
+    batches = RankBatches(p.corpus, args.micro_batch_size, rank, world, args.seed)
+    global_micro_batch = args.micro_batch_size * world
+
+    # ---- models
+    from transformers import AutoModel
+
+    dtype = DTYPES[args.precision]
+    teacher = freeze(AutoModel.from_pretrained(args.teacher)).to(device=device, dtype=dtype)
+    student_hf = AutoModel.from_pretrained(args.student) if args.student else AutoModel.from_config(p.student_cfg)
+    if getattr(student_hf, "pooler", None) is not None:
+        student_hf.pooler.requires_grad_(False)  # no COS-NCE gradient reaches it: keep it out of ZeRO's buckets
+    module = DistillStudent(student_hf, [s for s, _ in p.layer_map], p.teacher_cfg.hidden_size)
+    bank = None
+    if args.negatives == "bank":
+        bank = MemoryBank(len(p.layer_map), args.bank_size, p.bank_dim, rank, world, DTYPES[args.bank_dtype],
+                          device, seed=args.seed)
+    if main_rank:
+        print(f"LRC-BERT general distillation: {len(p.corpus)} sequences ({len(batches)} micro-batches of "
+              f"{global_micro_batch} per epoch), {p.total_steps} steps, global batch "
+              f"{p.ds_config['train_batch_size']}, world {world}, {args.precision}, "
+              f"ZeRO-{p.ds_config.get('zero_optimization', {}).get('stage', 0)}")
+        print(f"student: {count_parameters(student_hf) / 1e6:.1f}M parameters; teacher: "
+              f"{count_parameters(teacher) / 1e6:.1f}M")
+        print(format_layer_map(p.layer_map, p.student_cfg.hidden_size, p.teacher_cfg.hidden_size))
+        if bank is not None:
+            print(f"memory bank: {args.bank_size} x {len(p.layer_map)} layers x {p.bank_dim} {args.bank_dtype}, "
+                  f"{p.bank_bytes_per_rank / 2**20:.1f} MiB per rank; K = {args.num_negatives}")
+
+    # ---- engine
+    warmup_steps = warmup_steps_from(args.warmup, p.total_steps)
+    optimizer = eng.build_optimizer(module, args.learning_rate, args.weight_decay)
+    engine = eng.Engine(module, optimizer, warmup_linear_decay(warmup_steps, p.total_steps), p.ds_config)
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank (initial weights came from rank 0)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    micro_step = 0
+    if args.resume:
+        state = engine.load(ckpt_dir)
+        micro_step = int(state["micro_step"])
+        batches.load_state_dict(data_position(state, global_micro_batch, len(batches)))
+        if bank is not None:
+            load_bank(bank, state["rank_state_files"], rank, world)
+        if main_rank:
+            print(f"resumed from step {engine.global_steps} (world {state.get('world_size')} -> {world})")
+            if os.path.exists(os.path.join(out, PREEMPTED)):
+                os.remove(os.path.join(out, PREEMPTED))
+
+    objective = LRCObjective(p.layer_map, ObjectiveConfig(args.pooling, "cos_nce", args.num_negatives))
+    preemption = Preemption()  # from here on a signal means "checkpoint after this step" (before: default exit)
+    monitor = Monitor(os.path.join(out, "tensorboard"), p.total_steps, engine.global_steps, main_rank,
+                      desc="general distillation")
+
+    def client_state():
+        data = dict(batches.state_dict(), global_micro_batch=global_micro_batch)
+        return {"micro_step": micro_step, "data": data, "args": asdict(args), "total_steps": p.total_steps}
+
+    def save(step):
+        rank_state = {"bank": {k: v.cpu() for k, v in bank.state_dict().items()}} if bank is not None else None
+        engine.save(ckpt_dir, step, client_state(), args.keep_checkpoints, rank_state=rank_state)
+
+    # ---- train
+    stream = forever(batches)
+    pending = []  # this step's (teacher vectors, rows): enqueued into the bank after the step
+    start_step, start_time = engine.global_steps, time.perf_counter()
+    engine.train()
+    while engine.global_steps < p.total_steps:
+        use_bank = bank is not None and bank.ready(args.num_negatives)
+        batch = {k: v.to(device) for k, v in next(stream).items()}
+        loss, logs, t_vectors = distill_loss(args, engine, objective, teacher, bank if use_bank else None,
+                                             batch, micro_step, rank, p.bank_dim)
+        engine.backward(loss)
+        engine.step()
+        micro_step += 1
+        if bank is not None:  # zero-padded to max_seq_length tokens, stored compactly until the step is done
+            pending.append(([F.pad(v, (0, p.bank_dim - v.shape[1])).to(bank.vectors.dtype) for v in t_vectors],
+                            batch["rows"]))
+        monitor.accumulate(logs, samples=batch["input_ids"].shape[0], tokens=int(batch["attention_mask"].sum()))
+        if micro_step % args.gradient_accumulation_steps:
+            continue
+        for vectors, rows in pending:
+            bank.enqueue(vectors, rows)
+        pending.clear()
+        done = engine.global_steps
+        monitor.advance({"loss": float(logs["total"])})
+        if done % args.log_steps == 0 or done == p.total_steps:
+            extra = {"train/lr": engine.lr, "train/loss_scale": engine.loss_scale,
+                     "train/skipped_steps": float(engine.skipped_steps),
+                     "train/epoch": batches.epoch + batches.batch_index / len(batches)}
+            if bank is not None:
+                extra.update({"bank/fill": float(bank.fill), "bank/in_use": float(use_bank),
+                              "bank/bytes_per_rank": float(bank.bytes_per_rank())})
+            monitor.log(done, extra)
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < p.total_steps:
+            save(done)
+        stop = 0 < args.stop_after_steps <= done < p.total_steps
+        preempted = preemption.agreed(device) and done < p.total_steps
+        if stop or preempted:
+            if args.save_steps <= 0 or done % args.save_steps:
+                save(done)
+            if main_rank:
+                if preempted:
+                    with open(os.path.join(out, PREEMPTED), "w") as f:
+                        f.write(f"step {done} of {p.total_steps}: continue with --resume\n")
+                print(f"{'preempted' if preempted else 'stopped'} after step {done} of {p.total_steps}; "
+                      "continue with --resume")
+            monitor.close()
+            eng.barrier()
+            return
+
+    # ---- save
+    elapsed = time.perf_counter() - start_time
+    save(engine.global_steps)
+    state = engine.full_state_dict()
+    if main_rank:
+        export_hf(state, "model.", student_hf.config, p.tokenizer, os.path.join(out, "model"), with_head=False)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        samples = (engine.global_steps - start_step) * p.ds_config["train_batch_size"]
+        print(json.dumps({"steps": engine.global_steps, "samples_per_sec": round(samples / max(elapsed, 1e-9), 2),
+                          "bank_bytes_per_rank": p.bank_bytes_per_rank, "model": os.path.join(out, "model")}))
+    monitor.close()
+    eng.barrier()
+
+
+def forever(batches: RankBatches):
+    """This rank's micro-batches, epoch after epoch (the position lives in ``batches``)."""
+    while True:
+        yield from batches
+
+
+def data_position(state: dict, global_micro_batch: int, batches_per_epoch: int) -> dict:
+    """The saved RankBatches position, converted when the global micro-batch changed
+    (another world size): the same sequences of the epoch count as consumed, rounded up."""
+    data = dict(state["data"])
+    saved = data.pop("global_micro_batch", global_micro_batch)
+    if saved != global_micro_batch:
+        consumed = data["batch_index"] * saved
+        data["batch_index"] = min(batches_per_epoch, math.ceil(consumed / global_micro_batch))
+    return data
+
+
+def load_bank(bank: MemoryBank, files: list[str], rank: int, world: int) -> None:
+    """This rank's bank shard from a checkpoint, re-sharded when it was saved at another world size."""
+    if not files:
+        raise UserError("--resume: the checkpoint holds no memory bank (saved with --negatives batch?); "
+                        "resume with --negatives batch")
+    if len(files) == world:
+        shard = torch.load(files[rank], map_location="cpu", weights_only=True)["bank"]
+    else:  # every rank holds the whole bank once, in host memory, for the conversion
+        shards = [torch.load(f, map_location="cpu", weights_only=True)["bank"] for f in files]
+        shard = MemoryBank.reshard(shards, world)[rank]
+    bank.load_state_dict(shard)
+
+
+def distill_loss(args, engine, objective, teacher, bank, batch, micro_step, rank, bank_dim):
+    """One micro-step: teacher once, the student twice with perturbation.
+
+    Returns (loss, logs, teacher vectors): the pooled teacher vectors, per layer (B, T * d'), for the bank.
+    """
+    _, t_hidden = teacher_forward(teacher, batch)
+    mask = batch["attention_mask"]
+    t_vectors = objective.teacher_vectors(t_hidden, mask)  # per layer (B, T * d') fp32
+    if bank is not None:
+        k = args.num_negatives
+
+        def negatives(student_vectors):
+            padded = [F.pad(z, (0, bank_dim - z.shape[1])) for z in student_vectors]  # (B, bank_dim)
+            # a fresh generator per call: the clean and perturbed passes draw the same slots
+            return bank.negative_distance_sums(padded, batch["rows"], k, bank.make_generator(micro_step))
+    else:
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + rank)
+        negatives = objective.batch_negatives(t_vectors, gen)
+
+    def loss_of(delta=None, forward=engine):
+        _, _, s_embed, projected = forward(batch["input_ids"], mask, batch["token_type_ids"], delta)
+        total, logs = objective(COS_ONLY, mask, projected, t_hidden, t_vectors, negatives)
+        return total, logs, s_embed
+
+    if not args.perturb:
+        return (*loss_of()[:2], t_vectors)
+    # The clean pass only feeds dL/de, so it bypasses the engine wrapper: DeepSpeed hooks
+    # the wrapper's outputs and would run its gradient-reduction epilogue on that pass.
+    clean, clean_logs, embeddings = loss_of(forward=engine.module)
+    keep_clean = args.perturb_mode == "add"
+    delta = perturbation_delta(clean, embeddings, args.epsilon, engine.loss_scale, retain_graph=keep_clean)
+    clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
+    if delta is None:
+        # fp16 overflow in the direction: train on the clean input this step. Its graph is
+        # gone (autograd.grad freed it), so run it again through the engine; every rank runs
+        # one more student pass either way, so the bank's collectives stay matched.
+        clean, clean_logs, _ = loss_of()
+        return clean, {**clean_logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}, t_vectors
+    perturbed, logs, _ = loss_of(delta)
+    logs.update(clean_named)
+    logs["perturb_skipped"] = torch.tensor(0.0)
+    return (clean + perturbed if keep_clean else perturbed), logs, t_vectors
+
+
+if __name__ == "__main__":
+    sys.exit(main())
