@@ -418,7 +418,9 @@ def distill_loss(args, engine, objective, teacher, batch, weights, rank, step):
     keep_clean = args.perturb_mode == "add"
     delta = perturbation_delta(clean, embeddings, args.epsilon, engine.loss_scale, retain_graph=keep_clean)
     clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
-    if delta is None:  # fp16 overflow in the direction: train on the clean pass this step
+    if delta is None:  # fp16 overflow in the direction: train on an unperturbed pass this step
+        # (the clean graph was freed by autograd.grad; re-run it through the engine)
+        clean, clean_logs, _ = loss_of()
         return clean, {**clean_logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}
     perturbed, logs, _ = loss_of(delta)
     logs.update(clean_named)

@@ -172,18 +172,6 @@ class Prepared:
     bank_bytes_per_rank: int
 
 
-def check_output_dir(args: PretrainArgs) -> None:
-    if not os.path.isdir(args.output_dir) or not os.listdir(args.output_dir):
-        return
-    if args.resume:
-        if eng.latest_tag(os.path.join(args.output_dir, "checkpoints")) is None:
-            raise UserError(f"--resume: {args.output_dir} holds no checkpoint to resume from")
-        return
-    if not args.overwrite_output_dir:
-        raise UserError(f"output dir {args.output_dir} already holds a run; pass --resume to continue it "
-                        "or --overwrite_output_dir to replace it")
-
-
 def check_encoder(config, path: str, role: str) -> None:
     """Refuse anything but an encoder-only model with a BERT-style encoder stack (hidden states per layer)."""
     from transformers import AutoModel
@@ -214,7 +202,7 @@ def check_resume_world(ckpt_dir: str, world: int) -> None:
 
 def setup(args: PretrainArgs) -> Prepared:
     """Everything that can fail on bad input, before any process group or model exists."""
-    check_output_dir(args)
+    eng.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
     for name in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length", "log_steps",
                  "num_negatives", "bank_size"):
         if getattr(args, name) < 1:

@@ -11,11 +11,14 @@ holds and how it is cut is documented in lrcbert/corpus_prepare.py.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from lrcbert.config import parse_args
-from lrcbert.corpus_prepare import CorpusConfig, prepare_corpus  # no torch: spawned workers re-import this script
-from lrcbert.errors import UserError
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lrcbert.config import parse_args  # noqa: E402
+from lrcbert.corpus_prepare import CorpusConfig, prepare_corpus  # noqa: E402  no torch: spawned workers re-import this script
+from lrcbert.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
