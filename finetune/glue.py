@@ -33,7 +33,8 @@ from lrcbert.models import (DistillStudent, StudentShape, count_parameters, expo
                             load_classifier, load_config, load_tokenizer, student_config, teacher_forward,
                             with_labels)
 from lrcbert.monitor import Monitor  # noqa: E402
-from lrcbert.perturb import PERTURB_MODES, perturbation_delta  # noqa: E402
+from lrcbert.negatives import negative_generator  # noqa: E402
+from lrcbert.perturb import PERTURB_MODES, perturbed_loss  # noqa: E402
 from lrcbert.schedule import TwoStageSchedule, parse_weights, warmup_linear_decay, warmup_steps_from  # noqa: E402
 
 
@@ -400,10 +401,9 @@ def distill_loss(args, engine, objective, teacher, batch, weights, rank, step):
     t_vectors = negatives = None
     if use_inter and args.intermediate == "cos_nce":
         t_vectors = objective.teacher_vectors(t_hidden, mask)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-        negatives = objective.batch_negatives(t_vectors, gen)
+        negatives = objective.batch_negatives(t_vectors, negative_generator(args.seed, step, rank))
 
-    def loss_of(delta=None, forward=engine):
+    def loss_of(forward=engine, delta=None):
         s_logits, _, s_embed, projected = forward(batch["input_ids"], mask, batch["token_type_ids"], delta)
         total, logs = objective(weights, mask, projected, t_hidden, t_vectors, negatives,
                                 s_logits, t_logits, batch["labels"])
@@ -411,24 +411,7 @@ def distill_loss(args, engine, objective, teacher, batch, weights, rank, step):
 
     if not args.perturb:
         return loss_of()[:2]
-    # The clean pass only feeds dL/de, so it bypasses the engine wrapper: DeepSpeed hooks
-    # the wrapper's outputs and would run its gradient-reduction epilogue on that pass.
-    # (ZeRO-3 still gathers parameters through its per-submodule hooks.)
-    clean, clean_logs, embeddings = loss_of(forward=engine.module)
-    keep_clean = args.perturb_mode == "add"
-    delta = perturbation_delta(clean, embeddings, args.epsilon, engine.loss_scale, retain_graph=keep_clean)
-    clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
-    if delta is None:  # fp16 overflow in the direction: train on an unperturbed pass this step
-        # (the clean graph was freed by autograd.grad; re-run it through the engine)
-        clean, clean_logs, _ = loss_of()
-        return clean, {**clean_logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}
-    perturbed, logs, _ = loss_of(delta)
-    logs.update(clean_named)
-    logs["perturb_skipped"] = torch.tensor(0.0)
-    if keep_clean:
-        return clean + perturbed, logs
-    return perturbed, logs
-
+    return perturbed_loss(loss_of, engine, engine.module, args.epsilon, engine.loss_scale, args.perturb_mode)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,3 +79,9 @@ def batch_negative_distance_sums(
         dists = pairwise_angular_distance(z_s, pool)  # (B, P)
         sums.append(dists.gather(1, neg_index.to(dists.device)).sum(1))
     return sums
+
+
+def negative_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator for one micro-step's batch negatives: a function of (seed, step, rank)
+    only, so the clean and perturbed passes and a resumed run draw the same rows."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)

@@ -91,3 +91,35 @@ class EmbeddingTap:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def perturbed_loss(loss_of, engine_forward, bare_forward, epsilon: float, loss_scale: float = 1.0,
+                   mode: str = "replace"):
+    """Steps 1-4 for one micro-batch; returns (loss to backpropagate, named parts for logging).
+
+    Args:
+        loss_of: ``loss_of(forward, delta) -> (loss, logs, embeddings)`` runs the student with
+            ``forward`` on the embedding output shifted by ``delta`` (None: unshifted).
+        engine_forward: the training wrapper's forward (DeepSpeed's engine): the pass whose
+            loss is backpropagated must run through it.
+        bare_forward: the wrapped module itself. The clean pass only feeds dL/de, so it runs
+            here: DeepSpeed hooks the wrapper's outputs and would run its gradient-reduction
+            epilogue on that pass (ZeRO-3 still gathers parameters via per-submodule hooks).
+        epsilon, loss_scale, mode: as in :func:`perturbation_delta` and ``PERTURB_MODES``.
+
+    Logs hold the trained pass's parts, the clean pass's under ``clean/``, and
+    ``perturb_skipped`` (1 when a non-finite direction fell back to an unperturbed pass), so
+    every rank logs the same names.
+    """
+    keep_clean = mode == "add"
+    clean, clean_logs, embeddings = loss_of(bare_forward, None)
+    delta = perturbation_delta(clean, embeddings, epsilon, loss_scale, retain_graph=keep_clean)
+    clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
+    if delta is None:
+        # the clean graph was freed by autograd.grad: run the unperturbed pass again through
+        # the wrapper (every rank runs one more pass either way, so collectives stay matched)
+        loss, logs, _ = loss_of(engine_forward, None)
+        return loss, {**logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}
+    perturbed, logs, _ = loss_of(engine_forward, delta)
+    logs = {**logs, **clean_named, "perturb_skipped": torch.tensor(0.0)}
+    return (clean + perturbed if keep_clean else perturbed), logs

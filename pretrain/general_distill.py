@@ -66,7 +66,8 @@ from lrcbert.losses import POOLING_MODES, LossWeights  # noqa: E402
 from lrcbert.models import (DistillStudent, StudentShape, count_parameters, export_hf, freeze,  # noqa: E402
                             load_config, load_tokenizer, student_config, teacher_forward)
 from lrcbert.monitor import Monitor  # noqa: E402
-from lrcbert.perturb import PERTURB_MODES, perturbation_delta  # noqa: E402
+from lrcbert.negatives import negative_generator  # noqa: E402
+from lrcbert.perturb import PERTURB_MODES, perturbed_loss  # noqa: E402
 from lrcbert.schedule import warmup_linear_decay, warmup_steps_from  # noqa: E402
 
 COS_ONLY = LossWeights(1.0, 0.0, 0.0)  # general distillation: COS-NCE only, alpha = 1
@@ -483,33 +484,17 @@ def distill_loss(args, engine, objective, teacher, bank, batch, micro_step, rank
             # a fresh generator per call: the clean and perturbed passes draw the same slots
             return bank.negative_distance_sums(padded, batch["rows"], k, bank.make_generator(micro_step))
     else:
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 1009 + rank)
-        negatives = objective.batch_negatives(t_vectors, gen)
+        negatives = objective.batch_negatives(t_vectors, negative_generator(args.seed, micro_step, rank))
 
-    def loss_of(delta=None, forward=engine):
+    def loss_of(forward=engine, delta=None):
         _, _, s_embed, projected = forward(batch["input_ids"], mask, batch["token_type_ids"], delta)
         total, logs = objective(COS_ONLY, mask, projected, t_hidden, t_vectors, negatives)
         return total, logs, s_embed
 
     if not args.perturb:
         return (*loss_of()[:2], t_vectors)
-    # The clean pass only feeds dL/de, so it bypasses the engine wrapper: DeepSpeed hooks
-    # the wrapper's outputs and would run its gradient-reduction epilogue on that pass.
-    clean, clean_logs, embeddings = loss_of(forward=engine.module)
-    keep_clean = args.perturb_mode == "add"
-    delta = perturbation_delta(clean, embeddings, args.epsilon, engine.loss_scale, retain_graph=keep_clean)
-    clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
-    if delta is None:
-        # fp16 overflow in the direction: train on the clean input this step. Its graph is
-        # gone (autograd.grad freed it), so run it again through the engine; every rank runs
-        # one more student pass either way, so the bank's collectives stay matched.
-        clean, clean_logs, _ = loss_of()
-        return clean, {**clean_logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}, t_vectors
-    perturbed, logs, _ = loss_of(delta)
-    logs.update(clean_named)
-    logs["perturb_skipped"] = torch.tensor(0.0)
-    return (clean + perturbed if keep_clean else perturbed), logs, t_vectors
-
+    loss, logs = perturbed_loss(loss_of, engine, engine.module, args.epsilon, engine.loss_scale, args.perturb_mode)
+    return loss, logs, t_vectors
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -217,3 +217,43 @@ def test_unknown_flag_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         parse_args(_Args, ["--task", "x", "--stepz", "5"])
     assert "--stepz" in capsys.readouterr().err
+
+
+def test_perturbed_loss_routes_passes_and_modes():
+    from lrcbert.perturb import perturbed_loss
+
+    torch.manual_seed(0)
+    w = torch.randn(4, requires_grad=True)
+    e0 = torch.randn(2, 3, 4)
+    calls = []
+
+    def make_forward(name):
+        def forward(delta):
+            calls.append((name, delta is not None))
+            e = (e0 + (0 if delta is None else delta)).requires_grad_(delta is None)
+            return e, (e * w).sum(-1).pow(2).mean()
+        return forward
+
+    def loss_of(forward, delta):
+        e, loss = forward(delta)
+        return loss, {"total": loss.detach()}, e
+
+    engine_fwd, bare_fwd = make_forward("engine"), make_forward("bare")
+    loss, logs = perturbed_loss(loss_of, engine_fwd, bare_fwd, epsilon=0.5)
+    assert calls == [("bare", False), ("engine", True)]  # clean pass bare, trained pass through the engine
+    assert float(logs["perturb_skipped"]) == 0.0 and "clean/total" in logs
+    assert float(loss) > float(logs["clean/total"])  # the shift follows the gradient
+    calls.clear()
+    added, logs = perturbed_loss(loss_of, engine_fwd, bare_fwd, epsilon=0.5, mode="add")
+    assert torch.allclose(added, logs["clean/total"] + loss)
+    calls.clear()
+    inf_w = torch.full((4,), float("inf"), requires_grad=True)
+
+    def overflowing(forward, delta):
+        e, _ = forward(delta)
+        loss = (e * inf_w).sum()
+        return loss, {"total": loss.detach()}, e
+
+    loss, logs = perturbed_loss(overflowing, engine_fwd, bare_fwd, epsilon=0.5)
+    assert calls == [("bare", False), ("engine", False)]  # fell back to an unperturbed engine pass
+    assert float(logs["perturb_skipped"]) == 1.0
