@@ -68,3 +68,35 @@ def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
 
 
 PY = sys.executable
+
+
+def scalar_curves(log_dir: str | Path) -> dict[str, dict[int, float]]:
+    """Like :func:`read_scalars`, as ``{tag: {step: value}}``."""
+    return {tag: dict(points) for tag, points in read_scalars(log_dir).items()}
+
+
+def timeout(seconds: int):
+    """Fail the test (TimeoutError) if its body runs longer than ``seconds`` (SIGALRM, no plugin).
+
+    Cluster fixtures tear down afterwards as usual.
+    """
+    import functools
+    import signal
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            def on_alarm(signum, frame):
+                raise TimeoutError(f"{fn.__name__} exceeded its {seconds}s timeout")
+
+            old = signal.signal(signal.SIGALRM, on_alarm)
+            signal.alarm(seconds)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, old)
+
+        return wrapper
+
+    return deco

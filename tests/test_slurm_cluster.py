@@ -4,10 +4,8 @@ Run: ``python -m pytest -q -m slurm tests/test_slurm_cluster.py`` (as root, afte
 ``.ci/install_slurm.sh``).  Skips with the reason when the cluster cannot run here.
 """
 
-import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,8 @@ except ImportError:  # tests/ on sys.path (pytest's rootdir-less "prepend" impor
     from slurm_cluster import (OneNodeCluster, TwoNodeCluster, free_port,
                                parse_scontrol_record, skip_reason)
 
+from tests.helpers import timeout  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 ALLREDUCE = REPO / "tests" / "dist_scripts" / "allreduce.sbatch"
 
@@ -31,29 +31,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_ONE is not None, reason=_ON
 needs_netns = pytest.mark.skipif(_TWO is not None, reason=_TWO or "")
 
 
-def timeout(seconds):
-    """Fail the test (TimeoutError) if its body runs longer than ``seconds``.
-
-    SIGALRM based, so it needs no plugin; cluster fixtures tear down afterwards as usual.
-    """
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            def on_alarm(signum, frame):
-                raise TimeoutError(f"{fn.__name__} exceeded its {seconds}s timeout")
-
-            old = signal.signal(signal.SIGALRM, on_alarm)
-            signal.alarm(seconds)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                signal.alarm(0)
-                signal.signal(signal.SIGALRM, old)
-
-        return wrapper
-
-    return deco
 
 
 def _alive(pid):

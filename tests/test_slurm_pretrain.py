@@ -13,7 +13,6 @@ Run: ``python -m pytest -q -m slurm tests/test_slurm_pretrain.py`` (as root; see
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -31,6 +30,8 @@ try:
     from tests.slurm_cluster import OneNodeCluster, TwoNodeCluster, free_port, skip_reason
 except ImportError:  # tests/ on sys.path (pytest's rootdir-less "prepend" import)
     from slurm_cluster import OneNodeCluster, TwoNodeCluster, free_port, skip_reason
+
+from tests.helpers import scalar_curves, timeout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -57,36 +58,6 @@ TINY = {"ds_config": "ds_configs/z2.json", "precision": "fp32", "max_seq_length"
         "log_steps": 1, "max_steps": STEPS, "save_steps": 0, "seed": 7}
 
 
-def timeout(seconds):
-    """Fail the test (TimeoutError) if its body runs longer than ``seconds`` (SIGALRM, no plugin)."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            def on_alarm(signum, frame):
-                raise TimeoutError(f"{fn.__name__} exceeded its {seconds}s timeout")
-
-            old = signal.signal(signal.SIGALRM, on_alarm)
-            signal.alarm(seconds)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                signal.alarm(0)
-                signal.signal(signal.SIGALRM, old)
-
-        return wrapper
-
-    return deco
-
-
-def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-
-
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
 
@@ -107,7 +78,7 @@ def assert_finished(out: Path, steps: int) -> dict[str, dict[int, float]]:
     model = AutoModel.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
     assert not (out / "preempted").exists()
-    scalars = read_scalars(out / "tensorboard")
+    scalars = scalar_curves(out / "tensorboard")
     for tag in CURVES:
         assert sorted(scalars[tag]) == list(range(1, steps + 1)), tag
     return scalars
@@ -186,7 +157,7 @@ def test_two_nodes_match_one_node(one_node_run, corpus, teacher, tmp_path):
         info = c.job_info(jid)
     assert info["NodeList"] == "node[1-2]" and info["ExitCode"] == "0:0"
     assert "master node1:" in read(log) and "world 2, fp32, ZeRO-2" in read(log)
-    ours, theirs = assert_finished(out, STEPS), read_scalars(reference / "tensorboard")
+    ours, theirs = assert_finished(out, STEPS), scalar_curves(reference / "tensorboard")
     for tag in CURVES:  # same seed and world size: the same run, over TCP between two hosts
         for step in range(1, STEPS + 1):
             assert ours[tag][step] == pytest.approx(theirs[tag][step], rel=1e-5, abs=1e-7), (tag, step)
@@ -272,7 +243,7 @@ def test_mpirun_open_mpi_discovery(corpus, teacher, tmp_path):
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(out / "model").config.hidden_size == 64
-    assert sorted(read_scalars(out / "tensorboard")["loss/cos"]) == list(range(1, steps + 1))
+    assert sorted(scalar_curves(out / "tensorboard")["loss/cos"]) == list(range(1, steps + 1))
 
 
 # ------------------------------------------------------------------------------------ pipeline
