@@ -92,8 +92,6 @@ class TrainOrder:
         start = within * self.micro_batch_size * self.world_size + self.rank * self.micro_batch_size
         return self._perm[start:start + self.micro_batch_size]
 
-    def epoch_of(self, micro_step: int) -> int:
-        return micro_step // self.micro_batches_per_epoch
 
 
 def eval_shard(num_examples: int, micro_batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import os
 import random
 import shutil
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lrcbert.config import load_json_object
 from lrcbert.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -122,15 +122,7 @@ def resolve_ds_config(path: str, settings: TrainerSettings) -> dict:
     Checks ``train_batch_size == micro batch x accumulation x world size`` and that the
     precision sections agree with ``--precision``. Raises UserError naming the problem.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"ds_config not found: {path}")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a ds_config must be a JSON object")
+    raw = load_json_object(path, "ds_config")
     if settings.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
     for section in TRAINER_OWNED_SECTIONS:
@@ -250,10 +242,6 @@ class Engine:
     @property
     def skipped_steps(self) -> int:
         return self.engine.skipped_steps
-
-    @property
-    def at_step_boundary(self) -> bool:
-        return self.engine.is_gradient_accumulation_boundary()
 
     @property
     def lr(self) -> float:

@@ -125,11 +125,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def encoder_from_classifier(path: str) -> nn.Module:
-    """The bare encoder of a saved checkpoint (used by general distillation)."""
-    return AutoModel.from_pretrained(path)
-
-
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor]):
     """(logits or None, hidden states) of the frozen teacher."""

@@ -39,7 +39,6 @@ an unknown key is an error. ``configs/pretrain_*.json`` are examples.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -47,7 +46,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -120,40 +119,9 @@ class PretrainArgs:
 
 # ------------------------------------------------------------------------------------ flags
 
-def config_file_argv(path: str) -> list[str]:
-    """``--config FILE.json`` as command-line tokens, so argparse types and checks every value."""
-    if not os.path.isfile(path):
-        raise UserError(f"--config file not found: {path}")
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: a config file must be a JSON object of flag values")
-    known = {f.name: f for f in fields(PretrainArgs)}
-    argv = []
-    for key, value in values.items():
-        if key not in known or key == "config":
-            raise UserError(f"{path}: unknown key {key!r} (keys are this recipe's flag names; see --help)")
-        if value is None and known[key].default is None:
-            continue
-        if isinstance(value, bool):
-            value = str(value).lower()
-        elif not isinstance(value, (int, float, str)):
-            raise UserError(f"{path}: {key} must be a number, string or boolean, got {json.dumps(value)}")
-        argv += [f"--{key}", str(value)]
-    return argv
-
-
 def parse_flags(argv: list[str] | None = None) -> PretrainArgs:
     """Flags, with ``--config`` values first so that command-line flags override them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    config_path = pre.parse_known_args(argv)[0].config
-    prefix = config_file_argv(config_path) if config_path else []
-    return parse_args(PretrainArgs, prefix + argv, description=__doc__.split("\n\n")[0])
+    return parse_args(PretrainArgs, argv, description=__doc__.split("\n\n")[0])
 
 
 # ------------------------------------------------------------------------------------ setup

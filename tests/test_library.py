@@ -126,7 +126,7 @@ def test_seeded_perturbation_is_reproducible_and_changes_the_loss():
         loss = losses.hard_loss(logits, torch.tensor([0, 1, 0]))
         delta = perturbation_delta(loss, emb, 1.0)
         logits2, *_ = model(ids, mask, embedding_delta=delta)
-        return float(loss), float(losses.hard_loss(logits2, torch.tensor([0, 1, 0]))), delta
+        return float(loss.detach()), float(losses.hard_loss(logits2.detach(), torch.tensor([0, 1, 0]))), delta
     a, b = run(), run()
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
     assert a[1] > a[0]  # moving along the gradient raises the loss
