@@ -242,7 +242,7 @@ def test_perturbed_loss_routes_passes_and_modes():
     loss, logs = perturbed_loss(loss_of, engine_fwd, bare_fwd, epsilon=0.5)
     assert calls == [("bare", False), ("engine", True)]  # clean pass bare, trained pass through the engine
     assert float(logs["perturb_skipped"]) == 0.0 and "clean/total" in logs
-    assert float(loss) > float(logs["clean/total"])  # the shift follows the gradient
+    assert float(loss.detach()) > float(logs["clean/total"])  # the shift follows the gradient
     calls.clear()
     added, logs = perturbed_loss(loss_of, engine_fwd, bare_fwd, epsilon=0.5, mode="add")
     assert torch.allclose(added, logs["clean/total"] + loss)
