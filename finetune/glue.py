@@ -27,19 +27,20 @@ from lrcbert.batches import TrainOrder, collate, encode, eval_shard  # noqa: E40
 from lrcbert.config import parse_args  # noqa: E402
 from lrcbert.distill import INTERMEDIATE_LOSSES, LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.flags import SharedFlags  # noqa: E402
 from lrcbert.layer_map import format_layer_map, parse_layer_map  # noqa: E402
-from lrcbert.losses import POOLING_MODES, LossWeights, hard_loss  # noqa: E402
+from lrcbert.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.models import (DistillStudent, StudentShape, count_parameters, export_hf, freeze,  # noqa: E402
                             load_classifier, load_config, load_tokenizer, student_config, teacher_forward,
                             with_labels)
 from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.negatives import negative_generator  # noqa: E402
-from lrcbert.perturb import PERTURB_MODES, perturbed_loss  # noqa: E402
+from lrcbert.perturb import perturbed_loss  # noqa: E402
 from lrcbert.schedule import TwoStageSchedule, parse_weights, warmup_linear_decay, warmup_steps_from  # noqa: E402
 
 
 @dataclass
-class GlueArgs:
+class GlueArgs(SharedFlags):
     """LRC-BERT task distillation on GLUE (default), or teacher fine-tuning (--stage teacher)."""
 
     task: str = field(metadata={"help": "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli"})
@@ -48,48 +49,29 @@ class GlueArgs:
     data_dir: str | None = field(default=None, metadata={"help": "GLUE task folder with the original train/dev/test TSV files; without it the task comes from the hub via datasets"})
     student: str | None = field(default=None, metadata={"help": "student HF dir (e.g. a general-distilled student); default: a fresh student of --student_* shape with the teacher's vocabulary"})
     stage: str = field(default="distill", metadata={"help": "distill: LRC-BERT student from a fine-tuned teacher; teacher: fine-tune the teacher", "choices": ["distill", "teacher"]})
-    ds_config: str = field(default="ds_configs/z2.json", metadata={"help": "DeepSpeed config (ZeRO knobs; batch, clipping and precision are 'auto')"})
     precision: str = field(default="fp32", metadata={"help": "fp32, fp16 (dynamic loss scale) or bf16", "choices": list(eng.PRECISIONS)})
     micro_batch_size: int = field(default=16, metadata={"help": "examples per rank per micro-step (paper: batch 16)"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (paper sweeps 5e-5, 1e-4, 3e-4)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/LayerNorm)"})
     warmup: float = field(default=0.1, metadata={"help": "warm-up: a fraction of the steps if < 1, else a step count"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     num_epochs: float | None = field(default=None, metadata={"help": "epochs; default from the task table (90 for datasets under 10k examples, 18 otherwise)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_epochs when > 0"})
-    stop_after_steps: int = field(default=-1, metadata={"help": "checkpoint and stop after this many steps without changing the schedule (resume later with --resume)"})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example, special tokens included"})
     temperature: float = field(default=1.1, metadata={"help": "soft-loss temperature t"})
     stage1_fraction: float = field(default=0.8, metadata={"help": "fraction of steps in loss stage 1 (0 = no two-stage schedule)"})
     stage1_weights: str = field(default="1:0:0", metadata={"help": "alpha:beta:gamma in stage 1"})
     stage2_weights: str = field(default="1:1:3", metadata={"help": "alpha:beta:gamma in stage 2"})
     intermediate: str = field(default="cos_nce", metadata={"help": "intermediate-layer loss: cos_nce, mse (TinyBERT-style ablation) or none", "choices": list(INTERMEDIATE_LOSSES)})
-    pooling: str = field(default="flatten", metadata={"help": "pooling of layer outputs for COS-NCE", "choices": list(POOLING_MODES)})
     negatives: str = field(default="batch", metadata={"help": "negative source: other rows of the global batch", "choices": ["batch"]})
     num_negatives: int = field(default=15, metadata={"help": "K negatives per sample (capped at global batch - 1)"})
-    perturb: bool = field(default=True, metadata={"help": "gradient perturbation on the student's embedding output"})
-    epsilon: float = field(default=1.0, metadata={"help": "perturbation radius: L2 norm of the shift per sample over (T, D)"})
-    perturb_mode: str = field(default="replace", metadata={"help": "replace: train on L(e') only (paper); add: L(e) + L(e')", "choices": list(PERTURB_MODES)})
-    layer_map: str = field(default="auto", metadata={"help": "teacher layer per student layer, e.g. 3,6,9,12; auto = floor(i*N/M)"})
-    student_layers: int = field(default=4, metadata={"help": "fresh student: layers"})
-    student_hidden: int = field(default=312, metadata={"help": "fresh student: hidden size"})
-    student_intermediate: int = field(default=1200, metadata={"help": "fresh student: FFN size"})
-    student_heads: int = field(default=12, metadata={"help": "fresh student: attention heads"})
     teacher_gate: bool = field(default=True, metadata={"help": "score the teacher on dev first and refuse one at chance level"})
     gate_margin: float = field(default=0.02, metadata={"help": "the teacher must beat the best constant predictor by this much"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate on dev every N steps (0 = only at the end)"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (oldest deleted first)"})
-    log_steps: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT_DIR/checkpoints/latest"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow an output dir that already holds a run"})
     max_train_samples: int = field(default=-1, metadata={"help": "use the first N training examples (debugging, small runs)"})
     max_eval_samples: int = field(default=-1, metadata={"help": "use the first N examples of each dev split"})
     max_test_samples: int = field(default=-1, metadata={"help": "use the first N examples of each test split"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per rank per evaluation batch"})
-    seed: int = field(default=42, metadata={"help": "random seed (data order, initialization, dropout, negatives)"})
-    dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the run fails"})
 
 
 # ------------------------------------------------------------------------------------ setup

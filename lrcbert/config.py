@@ -45,7 +45,10 @@ def _parse_bool(text: str) -> bool:
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    # the class's own flags (e.g. a recipe's required ones) first, inherited shared ones after
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+    for field in ordered:
         tp = _base_type(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", "")}
         if field.default is not dataclasses.MISSING:

@@ -60,13 +60,14 @@ from lrcbert.config import parse_args  # noqa: E402
 from lrcbert.corpus import CorpusDataset, RankBatches, check_compatible  # noqa: E402
 from lrcbert.distill import LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.flags import SharedFlags  # noqa: E402
 from lrcbert.layer_map import format_layer_map, parse_layer_map  # noqa: E402
-from lrcbert.losses import POOLING_MODES, LossWeights  # noqa: E402
+from lrcbert.losses import LossWeights  # noqa: E402
 from lrcbert.models import (DistillStudent, StudentShape, count_parameters, export_hf, freeze,  # noqa: E402
                             load_config, load_tokenizer, student_config, teacher_forward)
 from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.negatives import negative_generator  # noqa: E402
-from lrcbert.perturb import PERTURB_MODES, perturbed_loss  # noqa: E402
+from lrcbert.perturb import perturbed_loss  # noqa: E402
 from lrcbert.schedule import warmup_linear_decay, warmup_steps_from  # noqa: E402
 
 COS_ONLY = LossWeights(1.0, 0.0, 0.0)  # general distillation: COS-NCE only, alpha = 1
@@ -75,7 +76,7 @@ PREEMPTED = "preempted"  # marker file in OUTPUT_DIR: the run stopped on a signa
 
 
 @dataclass
-class PretrainArgs:
+class PretrainArgs(SharedFlags):
     """LRC-BERT general distillation: COS-NCE with gradient perturbation on a tokenized corpus."""
 
     teacher: str = field(metadata={"help": "teacher: a Hugging Face BERT-style encoder dir (or hub name); frozen"})
@@ -83,38 +84,19 @@ class PretrainArgs:
     output_dir: str = field(metadata={"help": "where model/, checkpoints/, tensorboard/ and args.json go"})
     config: str | None = field(default=None, metadata={"help": "JSON file of flag values (keys are flag names); command-line flags override it"})
     student: str | None = field(default=None, metadata={"help": "student HF encoder dir to continue from; default: a fresh student of --student_* shape with the teacher's vocabulary"})
-    ds_config: str = field(default="ds_configs/z2.json", metadata={"help": "DeepSpeed config (ZeRO knobs; batch, clipping and precision are 'auto')"})
     precision: str = field(default="fp32", metadata={"help": "fp32, fp16 (dynamic loss scale) or bf16; the teacher runs in it too", "choices": list(eng.PRECISIONS)})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per rank per micro-step"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/LayerNorm)"})
     warmup: float = field(default=0.01, metadata={"help": "warm-up: a fraction of the steps if < 1, else a step count; then linear decay to 0"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the corpus (used when --max_steps <= 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps: the length of the lr schedule; overrides --num_epochs when > 0"})
-    stop_after_steps: int = field(default=-1, metadata={"help": "checkpoint and stop after this many steps without changing the schedule (resume later with --resume)"})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per sequence, special tokens included; must match the corpus"})
-    pooling: str = field(default="flatten", metadata={"help": "pooling of layer outputs for COS-NCE", "choices": list(POOLING_MODES)})
     negatives: str = field(default="bank", metadata={"help": "bank: memory bank of earlier steps' teacher vectors (batch negatives until it holds K+1); batch: other rows of the global batch", "choices": ["bank", "batch"]})
     num_negatives: int = field(default=15, metadata={"help": "K negatives per sample"})
     bank_size: int = field(default=4096, metadata={"help": "memory bank slots (whole bank, all ranks): divisible by the world size, at least the global batch, more than K"})
     bank_dtype: str = field(default="fp16", metadata={"help": "storage precision of the bank's vectors (maths is fp32)", "choices": list(DTYPES)})
-    perturb: bool = field(default=True, metadata={"help": "gradient perturbation on the student's embedding output"})
-    epsilon: float = field(default=1.0, metadata={"help": "perturbation radius: L2 norm of the shift per sample over (T, D)"})
-    perturb_mode: str = field(default="replace", metadata={"help": "replace: train on L(e') only (paper); add: L(e) + L(e')", "choices": list(PERTURB_MODES)})
-    layer_map: str = field(default="auto", metadata={"help": "teacher layer per student layer, e.g. 3,6,9,12; auto = floor(i*N/M)"})
-    student_layers: int = field(default=4, metadata={"help": "fresh student: layers"})
-    student_hidden: int = field(default=312, metadata={"help": "fresh student: hidden size"})
-    student_intermediate: int = field(default=1200, metadata={"help": "fresh student: FFN size"})
-    student_heads: int = field(default=12, metadata={"help": "fresh student: attention heads"})
     save_steps: int = field(default=1000, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (oldest deleted first)"})
-    log_steps: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT_DIR/checkpoints/latest (another world size only without ZeRO partitions: the bank is re-sharded)"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow an output dir that already holds a run"})
-    seed: int = field(default=42, metadata={"help": "random seed (data order, initialization, dropout, negatives)"})
-    dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the run fails"})
 
 
 # ------------------------------------------------------------------------------------ flags
