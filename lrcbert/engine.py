@@ -185,6 +185,21 @@ def check_precision_supported(precision: str) -> None:
 
 # ---------------------------------------------------------------- initialize / train
 
+def skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU ranks.
+
+    DeepSpeed's CPU backend builds that op (used only by its inference all-reduce; training
+    collectives go through gloo) on every process start, under a file lock in the torch extensions
+    cache. A process killed while holding the lock (preemption, SIGKILL, a timeout) leaves the lock
+    behind and every later start on the machine waits on it forever. DeepSpeed keeps one
+    ``__compatible_ops__`` registry that it reads before building, so marking the op incompatible
+    there skips the build.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: float = 1800.0) -> None:
     """Start the process group (NCCL on GPUs, gloo on CPUs) from the launcher's environment."""
     import deepspeed
@@ -195,6 +210,8 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env_local_rank())
+    else:
+        skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,12 +41,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_group(cmd: list[str], timeout: int, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a new process group; on timeout the whole group (launcher and its
+    ranks) is killed, so a hung run never outlives its test."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch(script: str, args: list[str], num_ranks: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
-    """Run a recipe through the real ``deepspeed`` launcher (CPU ranks, gloo)."""
+    """Run a script through the real ``deepspeed`` launcher (CPU ranks, gloo)."""
     cmd = ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(REPO / script), *args]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     full_env.update(env or {})
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return run_group(cmd, timeout, full_env)
 
 
 def run_main(module_main, argv: list[str], capsys) -> tuple[int, str]:

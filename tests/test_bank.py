@@ -3,9 +3,6 @@
 import importlib.util
 import os
 import shutil
-import socket
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +10,8 @@ import torch.nn.functional as F
 
 from lrcbert.bank import MemoryBank
 from lrcbert.errors import UserError
+from tests.helpers import REPO, launch
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "dist_scripts" / "bank_equivalence.py"
 
 
@@ -249,19 +246,16 @@ def _load_script():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
 def test_two_ranks_under_the_launcher_match_one_rank(tmp_path):
+    # A lock left in the torch extensions cache by a killed process (preemption, SIGKILL) must not
+    # hang start-up: CPU ranks never JIT-build DeepSpeed's shared-memory comm op.
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(SCRIPT),
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+               OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(extensions))
+    proc = launch(str(SCRIPT.relative_to(REPO)), ["--out", str(tmp_path)], timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 

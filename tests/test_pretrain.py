@@ -24,7 +24,7 @@ import torch
 from lrcbert.bank import MemoryBank
 from lrcbert.corpus import CorpusConfig, prepare_corpus
 from pretrain import general_distill as gd
-from tests.helpers import free_port, scalar_curves
+from tests.helpers import free_port, launch, scalar_curves
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -54,9 +54,7 @@ def run_args(corpus: Path, out: Path, *extra: str) -> list[str]:
 
 def launcher(script: str, args: list[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """The real DeepSpeed launcher (CPU ranks, gloo)."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **ENV))
+    return launch(script, args, num_ranks=ranks, timeout=timeout, env=ENV)
 
 
 STARTED: list[subprocess.Popen] = []  # ended by the autouse fixture if a test fails mid-run

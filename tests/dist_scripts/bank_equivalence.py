@@ -90,7 +90,9 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from lrcbert.engine import init_distributed
+
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     problem = make_problem()
