@@ -51,7 +51,7 @@ VARIANTS = {
 }
 
 FULL = dict(seeds="1,2,3", train_samples=4000, eval_samples=-1, seq=64, micro_batch_size=16,
-            teacher_steps=150, teacher_lr=5e-5, student_steps=250, student_lr=3e-4,
+            teacher_steps=150, teacher_lr=1e-4, student_steps=200, student_lr=3e-4,
             student_layers=4, student_hidden=312, student_intermediate=1200, student_heads=12, ranks=2)
 QUICK = dict(seeds="1", train_samples=256, eval_samples=128, seq=32, micro_batch_size=8,
              teacher_steps=20, teacher_lr=5e-4, student_steps=8, student_lr=1e-3,
