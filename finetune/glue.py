@@ -5,6 +5,11 @@
 
 The loop is written out: setup -> train (teacher forward, clean student pass,
 gradient perturbation, perturbed pass, backward, step) -> evaluate -> save.
+
+SIGUSR1 or SIGTERM (from the first line of ``main``, start-up included): the current step
+finishes, every rank checkpoints, ``OUTPUT_DIR/preempted`` is written and the process exits 0;
+``--resume`` continues. A rank that dies makes the others exit with status 3 naming it; a
+NaN/inf loss stops the run with an error naming the step and the examples of the micro-batch.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ def setup(args: GlueArgs):
                                    args.max_grad_norm, args.precision)
     ds_config = eng.resolve_ds_config(args.ds_config, settings)
     eng.check_precision_supported(args.precision)
+    if args.resume:  # the data position is a per-rank micro-step count: only the saving world size continues it
+        eng.check_resume(os.path.join(args.output_dir, "checkpoints"), world, reshardable=False)
     if args.stage == "distill" and args.perturb and ds_config["zero_optimization"].get("stage", 0) == 3:
         raise UserError(f"{args.ds_config}: gradient perturbation needs dL/de, which ZeRO-3's module hooks hide "
                         "from autograd in this DeepSpeed version; use ZeRO-1/2 (ds_configs/z2.json) or --perturb false")
@@ -209,23 +216,35 @@ def write_test_predictions(task, forward, encoded, args, pad_id, device) -> list
 # ------------------------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
-    args = parse_args(GlueArgs, argv)
-    try:
-        prepared = setup(args)
-    except UserError as exc:
-        if eng.env_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        train(args, *prepared)
-    except UserError as exc:
-        if eng.is_main():
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with eng.Preemption() as preemption:  # first: a signal during start-up must not kill the job
+        args = parse_args(GlueArgs, argv)
+        try:
+            prepared = setup(args)
+        except UserError as exc:
+            if eng.env_rank() == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return 2
+        guards = {"watchdog": None}
+        try:
+            train(args, *prepared, preemption=preemption, guards=guards)
+        except UserError as exc:
+            if eng.is_main():
+                print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception:  # a collective failed: name the dead rank if that is the cause
+            message = eng.dead_peer_after_failure(guards["watchdog"])
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            return eng.EXIT_PEER_DIED
+        finally:
+            if guards["watchdog"] is not None:
+                guards["watchdog"].stop()
     return 0
 
 
-def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encoded, order, total_steps):
+def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encoded, order, total_steps, *,
+          preemption: eng.Preemption, guards: dict):
     eng.init_distributed(args.dist_timeout)
     rank = dist.get_rank()
     device = eng.device()
@@ -236,6 +255,10 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
     eng.barrier()
     if main_rank:
         os.makedirs(out, exist_ok=True)
+    eng.barrier()
+    guards["watchdog"] = eng.Watchdog(out, rank, dist.get_world_size(), args.dist_timeout)
+    eng.barrier()
+    guards["watchdog"].start()
     eng.seed_everything(args.seed)
     label_names = None if task.is_regression else list(task.label_names)
     regression = task.is_regression
@@ -290,6 +313,8 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
         micro_step = int(state["micro_step"])
         if main_rank:
             print(f"resumed from step {engine.global_steps} ({micro_step} micro-batches consumed)")
+            if os.path.exists(os.path.join(out, eng.PREEMPTED)):
+                os.remove(os.path.join(out, eng.PREEMPTED))
 
     schedule = TwoStageSchedule(total_steps, args.stage1_fraction, parse_weights(args.stage1_weights, "--stage1_weights"),
                                 parse_weights(args.stage2_weights, "--stage2_weights"))
@@ -315,6 +340,9 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
             logs = {"hard": loss.detach(), "total": loss.detach()}  # same keys on every rank
         else:
             loss, logs = distill_loss(args, engine, objective, teacher, batch, weights, rank, step)
+        train_ids = encoded["train"].index
+        eng.check_finite_loss(loss, step, micro_step, [train_ids[r] for r in batch["rows"].tolist()],
+                              what=f"{task.glue_name} train examples (index)")
         engine.backward(loss)
         engine.step()
         micro_step += 1
@@ -337,12 +365,19 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
             engine.train()
         if args.save_steps > 0 and done % args.save_steps == 0 and done < total_steps:
             engine.save(ckpt_dir, done, client_state(), args.keep_checkpoints)
-        if 0 < args.stop_after_steps <= done < total_steps:
+        stop = 0 < args.stop_after_steps <= done < total_steps
+        preempted = preemption.agreed(device) and done < total_steps
+        if stop or preempted:
             if args.save_steps <= 0 or done % args.save_steps:
                 engine.save(ckpt_dir, done, client_state(), args.keep_checkpoints)
             if main_rank:
-                print(f"stopped after step {done} of {total_steps}; continue with --resume")
+                if preempted:
+                    with open(os.path.join(out, eng.PREEMPTED), "w") as f:
+                        f.write(f"step {done} of {total_steps}: continue with --resume\n")
+                print(f"{'preempted' if preempted else 'stopped'} after step {done} of {total_steps}; "
+                      "continue with --resume")
             monitor.close()
+            guards["watchdog"].stop()  # the ranks now leave at slightly different times
             eng.barrier()
             return
 
@@ -366,6 +401,7 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
                 monitor.scalar(f"eval/{split}/{name}", value, engine.global_steps)
         print(json.dumps({"eval": results, "submission_files": submissions}))
     monitor.close()
+    guards["watchdog"].stop()
     eng.barrier()
 
 

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import copy
 import datetime
+import errno
+import json
 import os
 import random
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +34,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 # code runs on CPU (gloo) and GPU (NCCL) and their state is checkpointed by DeepSpeed.
 TRAINER_OWNED_SECTIONS = ("optimizer", "scheduler")
 LATEST = "latest"
+META = "meta.json"  # written into every checkpoint last: world size, ZeRO stage, parameter shapes, file sizes
+PREEMPTED = "preempted"  # marker file in OUTPUT_DIR: the run stopped on a signal and can be resumed
+EXIT_PEER_DIED = 3  # exit status of a rank that stops because another rank died
+# Test hook (tests/test_reliability.py): a step number; rank 0 pauses for good after that checkpoint's
+# temporary directory is complete and before it is renamed, so a test can kill a run mid-save.
+PAUSE_BEFORE_RENAME_ENV = "LRCBERT_PAUSE_BEFORE_RENAME"
 
 
 # ---------------------------------------------------------------- ranks (from the launcher's env)
@@ -294,33 +307,57 @@ class Engine:
 
     # ------------------------------------------------------------ checkpoints
 
+    def parameter_shapes(self) -> dict[str, list[int]]:
+        """Every parameter's full shape (ZeRO-3 partitions report their unpartitioned ``ds_shape``)."""
+        return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in self.module.named_parameters()}
+
     def save(self, save_dir: str, step: int, client_state: dict, keep_last: int = 3,
              rank_state: dict | None = None) -> str:
         """Atomic checkpoint: written as ``.tmp-step-N``, renamed, then ``latest`` updated.
 
         Holds the DeepSpeed states (weights, optimizer, scheduler, loss scaler), the
-        caller's ``client_state`` (data cursor, stage, bank, config) and every rank's RNG
-        state. A crash mid-save leaves the previous checkpoint and ``latest`` intact.
+        caller's ``client_state`` (data cursor, stage, bank, config), every rank's RNG
+        state and ``meta.json`` (world size, ZeRO stage, parameter shapes, every file's size),
+        written last. A crash mid-save leaves the previous checkpoint and ``latest`` intact;
+        a full disk removes the partial checkpoint and raises UserError saying so.
         ``rank_state`` is saved per rank (e.g. this rank's memory-bank shard): DeepSpeed
         writes ``client_state`` from rank 0 only.
         """
         tag = f"step-{step:07d}"
         tmp_tag = f".tmp-{tag}"
+        tmp = os.path.join(save_dir, tmp_tag)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
         if is_main():
-            shutil.rmtree(os.path.join(save_dir, tmp_tag), ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(save_dir, exist_ok=True)
         barrier()
-        client_state = dict(client_state, world_size=dist.get_world_size() if dist.is_initialized() else 1)
-        self.engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.save(rng_state(), os.path.join(save_dir, tmp_tag, f"rng_rank{rank:05d}.pt"))
-        if rank_state is not None:
-            torch.save(rank_state, os.path.join(save_dir, tmp_tag, f"state_rank{rank:05d}.pt"))
+        client_state = dict(client_state, world_size=world)
+        try:
+            self.engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+            torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
+            if rank_state is not None:
+                torch.save(rank_state, os.path.join(tmp, f"state_rank{rank:05d}.pt"))
+            barrier()
+            if is_main():
+                meta = {"step": step, "world_size": world, "zero_stage": self.zero_stage,
+                        "parameters": self.parameter_shapes(), "files": _file_sizes(tmp)}
+                _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
+        except (OSError, RuntimeError) as exc:
+            error = _save_error(exc, save_dir, tag)  # before the cleanup frees the space
+            if is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error from None
         barrier()
         if is_main():
+            pause = os.environ.get(PAUSE_BEFORE_RENAME_ENV)
+            if pause is not None and int(pause) == step:
+                print(f"{PAUSE_BEFORE_RENAME_ENV}: {tmp} is complete; pausing before the rename",
+                      file=sys.stderr, flush=True)
+                time.sleep(3600)
             final = os.path.join(save_dir, tag)
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(os.path.join(save_dir, tmp_tag), final)
+            os.replace(tmp, final)
             _write_atomic(os.path.join(save_dir, LATEST), tag)
             _prune(save_dir, keep_last)
         barrier()
@@ -329,26 +366,124 @@ class Engine:
     def load(self, save_dir: str) -> dict:
         """Restore the newest complete checkpoint; returns its client state.
 
-        Every rank's ``rank_state`` files are listed under ``client_state["rank_state_files"]``
-        (in rank order) so callers can re-shard when the world size changed.
+        Refuses (UserError) a checkpoint of another model (parameter names or shapes differ)
+        or one DeepSpeed cannot read. Every rank's ``rank_state`` files are listed under
+        ``client_state["rank_state_files"]`` (in rank order) so callers can re-shard when the
+        world size changed.
         """
         tag = latest_tag(save_dir)
         if tag is None:
             raise UserError(f"--resume: no checkpoint in {save_dir} (no '{LATEST}' file)")
+        folder = os.path.join(save_dir, tag)
+        meta = verify_checkpoint(folder)
+        if meta is not None:
+            _check_same_model(folder, meta["parameters"], self.parameter_shapes())
         world = dist.get_world_size() if dist.is_initialized() else 1
-        path, client_state = self.engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
+        try:
+            path, client_state = self.engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
+                                                             load_lr_scheduler_states=True)
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+            raise UserError(f"--resume: cannot load checkpoint {folder} ({_first_line(exc)}); it is damaged or "
+                            f"from another model: point {os.path.join(save_dir, LATEST)} to an earlier step-* "
+                            "or start afresh with --overwrite_output_dir") from None
         if path is None:
-            raise UserError(f"--resume: checkpoint {os.path.join(save_dir, tag)} could not be loaded")
+            raise UserError(f"--resume: checkpoint {folder} could not be loaded")
         saved_world = client_state.get("world_size", world)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        rng_path = os.path.join(save_dir, tag, f"rng_rank{rank:05d}.pt")
+        rng_path = os.path.join(folder, f"rng_rank{rank:05d}.pt")
         if saved_world == world and os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=False))
-        folder = os.path.join(save_dir, tag)
         client_state["rank_state_files"] = sorted(
             os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("state_rank"))
         return client_state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return sizes
+
+
+def _save_error(exc: BaseException, save_dir: str, tag: str) -> UserError:
+    """A failed save as one line; a full disk is named as such (torch.save reports ENOSPC as a
+    RuntimeError without errno, e.g. "unexpected pos", so the space left decides then)."""
+    previous = latest_tag(save_dir)
+    kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+    try:
+        free = shutil.disk_usage(save_dir).free
+    except OSError:
+        free = -1
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or 0 <= free < 16 * 2**20
+    if full:
+        return UserError(f"disk full while saving checkpoint {tag} in {save_dir} ({free / 2**20:.0f} MiB free); "
+                         f"{kept}; free some space and continue with --resume")
+    return UserError(f"cannot write checkpoint {tag} in {save_dir} ({_first_line(exc)}); {kept}")
+
+
+def verify_checkpoint(folder: str) -> dict | None:
+    """The checkpoint's ``meta.json`` after checking every recorded file is there with its size;
+    UserError naming the first damaged file. None for checkpoints written before meta.json existed."""
+    path = os.path.join(folder, META)
+    if not os.path.isfile(path):
+        if any(name.startswith("rng_rank") for name in os.listdir(folder)):
+            return None  # an older checkpoint: DeepSpeed's own loading is the only check
+        raise UserError(f"--resume: checkpoint {folder} is incomplete (no {META}); point the 'latest' file "
+                        "to an earlier step-* or start afresh with --overwrite_output_dir")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume: {path} is unreadable ({_first_line(exc)})") from None
+    for name, size in sorted(files.items()):
+        file = os.path.join(folder, name)
+        actual = os.path.getsize(file) if os.path.isfile(file) else None
+        if actual != size:
+            what = "is missing" if actual is None else f"has {actual} bytes"
+            raise UserError(f"--resume: checkpoint {folder} is damaged: {name} {what}, {META} recorded {size} "
+                            "bytes; point the 'latest' file to an earlier step-* or start afresh")
+    return meta
+
+
+def _check_same_model(folder: str, saved: dict, current: dict) -> None:
+    if saved == current:
+        return
+    for name in sorted(set(saved) | set(current)):
+        there, here = saved.get(name), current.get(name)
+        if there != here:
+            raise UserError(f"--resume: checkpoint {folder} holds another model: parameter {name} is "
+                            f"{there or 'absent'} there and {here or 'absent'} here (other student, teacher, "
+                            "task or layer-map flags?)")
+
+
+def check_resume(ckpt_dir: str, world: int, reshardable: bool) -> None:
+    """Before any process group: the checkpoint to resume is complete, and loadable at this world size.
+
+    DeepSpeed 0.19 reloads ZeRO-partitioned optimizer state only at the world size that saved it;
+    ``reshardable`` says whether the recipe converts its own state (data position, bank) otherwise.
+    """
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise UserError(f"--resume: no checkpoint in {ckpt_dir} (no '{LATEST}' file)")
+    folder = os.path.join(ckpt_dir, tag)
+    meta = verify_checkpoint(folder)
+    saved = meta["world_size"] if meta is not None else checkpoint_world_size(ckpt_dir)
+    if saved == world:
+        return
+    if any("zero_pp_rank_" in name for name in os.listdir(folder)):
+        raise UserError(f"--resume: {folder} was saved by {saved} ranks with ZeRO-partitioned optimizer state, "
+                        f"which DeepSpeed cannot load at world size {world}; resume with {saved} ranks")
+    if not reshardable:
+        raise UserError(f"--resume: {folder} was saved by {saved} ranks; this recipe resumes only at the world "
+                        f"size that saved it; resume with {saved} ranks")
 
 
 def checkpoint_world_size(save_dir: str) -> int | None:
@@ -381,21 +516,195 @@ def latest_tag(save_dir: str) -> str | None:
     return tag if os.path.isdir(os.path.join(save_dir, tag)) else None
 
 
-def _write_atomic(path: str, text: str) -> None:
+def _write_atomic(path: str, text: str, sync: bool = True) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def _prune(save_dir: str, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints (all when <= 0); remove leftovers of killed saves."""
+    for stale in (d for d in os.listdir(save_dir) if d.startswith(".tmp-step-")):
+        shutil.rmtree(os.path.join(save_dir, stale), ignore_errors=True)
     if keep_last <= 0:
         return
     tags = sorted(d for d in os.listdir(save_dir) if d.startswith("step-"))
     for tag in tags[:-keep_last]:
         shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- run guards: signals, dead ranks, bad losses
+
+class Preemption:
+    """SIGUSR1/SIGTERM only set a flag; the loop checkpoints and stops at the next step boundary.
+
+    Entered first thing in a recipe's ``main`` so that a signal during start-up (reading data,
+    loading models) is not fatal: the run checkpoints after its first step. Leaving the block
+    restores the previous handlers.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "Preemption":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        """True on every rank if any rank got a signal (one tiny all-reduce per step)."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Watchdog:
+    """Notices a dead rank, so that the others stop instead of waiting in a collective.
+
+    Every rank keeps a heartbeat file ``OUTPUT_DIR/.ranks/rankNNNNN.json`` (pid, host, state)
+    and touches it every ``interval_s``; a thread checks the peers. A peer is dead when it is
+    on this host and its process is gone (seen within ``interval_s``), or when its heartbeat
+    has not changed for ``timeout_s`` (another host; ``--dist_timeout``). Then this rank prints
+    ``error: rank R ... died`` and exits with ``EXIT_PEER_DIED`` (``os._exit``: the main thread
+    may be blocked in a collective). A rank that leaves on purpose marks its file ``exited``.
+    Costs one stat per peer per interval; the files need the shared output dir checkpoints
+    already need.
+    """
+
+    def __init__(self, output_dir: str, rank: int, world: int, timeout_s: float, interval_s: float = 1.0):
+        self.folder = os.path.join(output_dir, ".ranks")
+        self.rank, self.world = rank, world
+        self.timeout_s, self.interval_s = timeout_s, interval_s
+        self.host = socket.gethostname()
+        self._stop = threading.Event()
+        self._thread = None
+        self._seen: dict[int, tuple[float, float]] = {}  # rank -> (file mtime, local time it last changed)
+        os.makedirs(self.folder, exist_ok=True)
+        self._write("running")
+
+    def _path(self, rank: int) -> str:
+        return os.path.join(self.folder, f"rank{rank:05d}.json")
+
+    def _write(self, state: str) -> None:
+        _write_atomic(self._path(self.rank), json.dumps({"pid": os.getpid(), "host": self.host, "state": state}),
+                      sync=False)
+
+    def start(self) -> "Watchdog":
+        """Call after a barrier that follows every rank's construction (all files exist)."""
+        if self.world > 1:
+            self._thread = threading.Thread(target=self._run, name="lrcbert-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """This rank leaves on purpose: stop watching, tell the peers."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self._write("exited")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                os.utime(self._path(self.rank))
+                message = self.dead_peer()
+            except OSError:
+                continue  # a transient file-system error is no verdict
+            if message and not self._stop.is_set():
+                print(f"error: {message}", file=sys.stderr, flush=True)
+                os._exit(EXIT_PEER_DIED)
+
+    def dead_peer(self) -> str | None:
+        """A one-line verdict on the first dead peer, or None."""
+        now = time.monotonic()
+        for peer in range(self.world):
+            if peer == self.rank:
+                continue
+            path = self._path(peer)
+            try:
+                with open(path) as f:
+                    info = json.load(f)
+                mtime = os.stat(path).st_mtime
+            except (OSError, ValueError):
+                continue  # being replaced right now
+            if info.get("state") == "exited":
+                continue
+            who = f"rank {peer} (pid {info['pid']} on {info['host']})"
+            if info["host"] == self.host and not _process_alive(info["pid"]):
+                return f"{who} died; stopping rank {self.rank} too (continue with --resume)"
+            last_mtime, changed = self._seen.get(peer, (mtime, now))
+            if mtime != last_mtime:
+                changed = now
+            self._seen[peer] = (mtime, changed)
+            if now - changed > self.timeout_s:
+                return (f"{who} stopped responding: no heartbeat for {now - changed:.0f} s (--dist_timeout "
+                        f"{self.timeout_s:g}); stopping rank {self.rank} too (continue with --resume)")
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    """False for a process that is gone or a zombie (killed, not yet reaped by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def dead_peer_after_failure(watchdog: Watchdog | None, wait_s: float = 10.0) -> str | None:
+    """After a collective failed: the dead peer that explains it (polled for ``wait_s``), or None."""
+    if watchdog is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        message = watchdog.dead_peer()
+        if message or time.monotonic() > deadline:
+            return message
+        time.sleep(0.2)
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, micro_step: int, example_ids: list,
+                      what: str = "examples") -> None:
+    """UserError on every rank if any rank's loss is NaN/inf, naming the step, the rank and the
+    examples of its micro-batch (so bad data can be found); one tiny all-reduce per micro-step."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad.item():
+        return
+    mine = None if torch.isfinite(loss.detach()).all() else (float(loss.detach().float()), list(example_ids))
+    reports = [mine]
+    if world > 1:
+        reports = [None] * world
+        dist.all_gather_object(reports, mine)
+    rank, (value, ids) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
+    raise UserError(f"loss is {value} at step {step + 1} (micro-step {micro_step + 1}) on rank {rank}; "
+                    f"its micro-batch holds {what} {ids}: check them for bad values")
 
 
 # ---------------------------------------------------------------- RNG

@@ -26,7 +26,8 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(log_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=log_dir)
+            # after a resume, TensorBoard drops what a killed run logged past the checkpoint
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=initial_step + 1 if initial_step else None)
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)

@@ -23,10 +23,13 @@ Choices of ours (the paper gives no general-distillation recipe beyond "COS-NCE 
 - Under bf16/fp16 the frozen teacher runs in that precision too (its forward is most of
   the cost); cosines are fp32 everywhere.
 - The student's pooler gets no gradient from COS-NCE and is frozen (the task stage trains it).
-- SIGUSR1 or SIGTERM: the current step finishes, every rank checkpoints, ``OUTPUT_DIR/preempted``
-  is written and the process exits 0 (``--resume`` continues; e.g. ``sbatch --signal=USR1@120``
-  with ``--requeue``). Under the ``deepspeed`` launcher, signal the ranks, or SIGTERM the launcher,
-  which gives them 30 s.
+- SIGUSR1 or SIGTERM (from the first line of ``main``, start-up included): the current step
+  finishes, every rank checkpoints, ``OUTPUT_DIR/preempted`` is written and the process exits 0
+  (``--resume`` continues; e.g. ``sbatch --signal=USR1@120`` with ``--requeue``). Under the
+  ``deepspeed`` launcher, signal the ranks, or SIGTERM the launcher, which gives them 30 s.
+- A rank that dies (SIGKILL, OOM) is noticed by the others' watchdog (``lrcbert.engine.Watchdog``):
+  they exit with status 3 and a message naming it instead of waiting in a collective. A NaN/inf
+  loss stops the run with an error naming the step and the corpus rows of the micro-batch.
 - ``--resume`` at another world size re-shards the bank (``MemoryBank.reshard``) and converts
   the data position; DeepSpeed 0.19 reloads ZeRO-partitioned optimizer state only at the world
   size that saved it, so with ZeRO-1/2/3 (or bf16's optimizer) such a resume is refused at
@@ -43,7 +46,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,7 +74,7 @@ from lrcbert.schedule import warmup_linear_decay, warmup_steps_from  # noqa: E40
 
 COS_ONLY = LossWeights(1.0, 0.0, 0.0)  # general distillation: COS-NCE only, alpha = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PREEMPTED = "preempted"  # marker file in OUTPUT_DIR: the run stopped on a signal and can be resumed
+PREEMPTED = eng.PREEMPTED  # marker file in OUTPUT_DIR: the run stopped on a signal and can be resumed
 
 
 @dataclass
@@ -140,17 +142,6 @@ def check_encoder(config, path: str, role: str) -> None:
                         "it has no encoder stack whose hidden states COS-NCE could use")
 
 
-def check_resume_world(ckpt_dir: str, world: int) -> None:
-    """The bank and the data position follow any world size; ZeRO-partitioned optimizer state does not."""
-    saved = eng.checkpoint_world_size(ckpt_dir)
-    if saved is None or saved == world:
-        return
-    folder = os.path.join(ckpt_dir, eng.latest_tag(ckpt_dir))
-    if any("zero_pp_rank_" in name for name in os.listdir(folder)):
-        raise UserError(f"--resume: {folder} was saved by {saved} ranks with ZeRO-partitioned optimizer state, "
-                        f"which DeepSpeed cannot load at world size {world}; resume with {saved} ranks")
-
-
 def setup(args: PretrainArgs) -> Prepared:
     """Everything that can fail on bad input, before any process group or model exists."""
     eng.check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
@@ -167,8 +158,8 @@ def setup(args: PretrainArgs) -> Prepared:
                                    args.max_grad_norm, args.precision)
     ds_config = eng.resolve_ds_config(args.ds_config, settings)
     eng.check_precision_supported(args.precision)
-    if args.resume:
-        check_resume_world(os.path.join(args.output_dir, "checkpoints"), world)
+    if args.resume:  # the bank and the data position follow any world size (re-sharded on load)
+        eng.check_resume(os.path.join(args.output_dir, "checkpoints"), world, reshardable=True)
     if args.perturb and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         raise UserError(f"{args.ds_config}: gradient perturbation needs dL/de, which ZeRO-3's module hooks hide "
                         "from autograd in this DeepSpeed version; use ZeRO-1/2 (ds_configs/z2.json) or --perturb false")
@@ -218,42 +209,34 @@ def setup(args: PretrainArgs) -> Prepared:
 # ------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_flags(argv)
-        prepared = setup(args)
-    except UserError as exc:
-        if eng.env_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        train(args, prepared)
-    except UserError as exc:
-        if eng.is_main():
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with eng.Preemption() as preemption:  # first: a signal during start-up must not kill the job
+        try:
+            args = parse_flags(argv)
+            prepared = setup(args)
+        except UserError as exc:
+            if eng.env_rank() == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return 2
+        guards = {"watchdog": None}
+        try:
+            train(args, prepared, preemption, guards)
+        except UserError as exc:
+            if eng.is_main():
+                print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception:  # a collective failed: name the dead rank if that is the cause
+            message = eng.dead_peer_after_failure(guards["watchdog"])
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            return eng.EXIT_PEER_DIED
+        finally:
+            if guards["watchdog"] is not None:
+                guards["watchdog"].stop()
     return 0
 
 
-class Preemption:
-    """SIGUSR1/SIGTERM only set a flag; the loop stops at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, device) -> bool:
-        """True on every rank if any rank got a signal (one tiny all-reduce per step)."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def train(args: PretrainArgs, p: Prepared) -> None:
+def train(args: PretrainArgs, p: Prepared, preemption: eng.Preemption, guards: dict) -> None:
     eng.init_distributed(args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = eng.device()
@@ -264,6 +247,10 @@ def train(args: PretrainArgs, p: Prepared) -> None:
     eng.barrier()
     if main_rank:
         os.makedirs(out, exist_ok=True)
+    eng.barrier()
+    guards["watchdog"] = eng.Watchdog(out, rank, world, args.dist_timeout)
+    eng.barrier()
+    guards["watchdog"].start()
     eng.seed_everything(args.seed)
     batches = RankBatches(p.corpus, args.micro_batch_size, rank, world, args.seed)
     global_micro_batch = args.micro_batch_size * world
@@ -312,7 +299,6 @@ def train(args: PretrainArgs, p: Prepared) -> None:
                 os.remove(os.path.join(out, PREEMPTED))
 
     objective = LRCObjective(p.layer_map, ObjectiveConfig(args.pooling, "cos_nce", args.num_negatives))
-    preemption = Preemption()  # from here on a signal means "checkpoint after this step" (before: default exit)
     monitor = Monitor(os.path.join(out, "tensorboard"), p.total_steps, engine.global_steps, main_rank,
                       desc="general distillation")
 
@@ -334,6 +320,7 @@ def train(args: PretrainArgs, p: Prepared) -> None:
         batch = {k: v.to(device) for k, v in next(stream).items()}
         loss, logs, t_vectors = distill_loss(args, engine, objective, teacher, bank if use_bank else None,
                                              batch, micro_step, rank, p.bank_dim)
+        eng.check_finite_loss(loss, engine.global_steps, micro_step, batch["rows"].tolist(), what="corpus sequences")
         engine.backward(loss)
         engine.step()
         micro_step += 1
@@ -370,6 +357,7 @@ def train(args: PretrainArgs, p: Prepared) -> None:
                 print(f"{'preempted' if preempted else 'stopped'} after step {done} of {p.total_steps}; "
                       "continue with --resume")
             monitor.close()
+            guards["watchdog"].stop()  # the ranks now leave at slightly different times
             eng.barrier()
             return
 
@@ -385,6 +373,7 @@ def train(args: PretrainArgs, p: Prepared) -> None:
         print(json.dumps({"steps": engine.global_steps, "samples_per_sec": round(samples / max(elapsed, 1e-9), 2),
                           "bank_bytes_per_rank": p.bank_bytes_per_rank, "model": os.path.join(out, "model")}))
     monitor.close()
+    guards["watchdog"].stop()
     eng.barrier()
 
 
