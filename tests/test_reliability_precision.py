@@ -1,0 +1,125 @@
+"""Mixed-precision safety: fp32 maths on half inputs, and an overflowed step is skipped, never applied.
+
+The overflow tests run a real DeepSpeed ZeRO-2 engine (one rank, gloo) in a subprocess and
+force an inf gradient into one step. fp16 (dynamic loss scale) runs where the accelerator
+supports it and is skipped with the reason otherwise (DeepSpeed's CPU accelerator needs
+AVX512-FP16); bf16 and fp32 run on any CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lrcbert import losses
+from lrcbert.perturb import perturbation_delta
+from tests.helpers import REPO, free_port
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_losses_take_half_inputs_and_compute_in_fp32(dtype):
+    # a flattened 64 x 512 state of magnitude 40: squared norms far past fp16's 65504
+    big = torch.full((3, 64 * 512), 40.0, dtype=dtype)
+    other = big.clone()
+    other[1] = -other[1]
+    mask = torch.ones(3, 64, dtype=torch.long)
+    pooled = losses.pool(big.view(3, 64, 512), mask, "flatten")
+    assert pooled.dtype == torch.float32
+    for value, expected in ((losses.cosine(big, other), [1.0, -1.0, 1.0]),
+                            (losses.pairwise_angular_distance(big, other)[:, 0], [0.0, 0.0, 0.0])):
+        assert value.dtype == torch.float32 and torch.allclose(value, torch.tensor(expected), atol=1e-5)
+    logits = torch.tensor([[300.0, -300.0], [0.0, 1.0]], dtype=dtype)
+    for value in (losses.soft_loss(logits, logits.flip(-1)), losses.hard_loss(logits, torch.tensor([1, 0])),
+                  losses.hidden_mse(big.view(3, 64, 512), -big.view(3, 64, 512), mask),
+                  losses.cos_nce(torch.zeros(3, dtype=dtype), torch.full((3,), 30.0, dtype=dtype), 15)):
+        assert value.dtype == torch.float32 and torch.isfinite(value), value
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_perturbation_direction_is_computed_in_fp32(dtype):
+    # dL/de = w: every element fits the half type, its per-sample norm (~1e5) does not fit fp16
+    w = torch.full((2, 64, 32), 1000.0, dtype=dtype)
+    e = torch.randn(2, 64, 32).to(dtype).requires_grad_()
+    loss = (e * w).sum()
+    delta = perturbation_delta(loss, e, epsilon=2.0)
+    assert delta is not None and delta.dtype == dtype
+    norms = delta.float().flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full((2,), 2.0), rtol=1e-2), norms  # epsilon, per sample
+    # a gradient that itself overflowed gives no direction (the caller trains on the clean pass)
+    e2 = torch.randn(2, 4, dtype=torch.float16, requires_grad=True)
+    assert perturbation_delta((e2 * torch.tensor(float("inf"), dtype=torch.float16)).sum(), e2, 1.0) is None
+
+
+OVERFLOW_SCRIPT = r"""
+import json, sys
+import torch
+from lrcbert import engine as eng
+
+precision = sys.argv[1]
+eng.init_distributed(120)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+config = eng.resolve_ds_config("ds_configs/z2.json", eng.TrainerSettings(4, 1, 1, 1.0, precision))
+engine = eng.Engine(model, eng.build_optimizer(model, 1e-2, 0.0), lambda step: 1.0, config)
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+x = torch.randn(4, 16).to(dtype)
+
+def weights():
+    return [p.detach().float().clone() for p in engine.module.parameters()]
+
+def step(force_inf):
+    loss = engine(x).float().pow(2).mean()  # finite: only the gradient overflows, as in fp16 training
+    handle = None
+    if force_inf:  # what an fp16 overflow leaves in a gradient
+        handle = engine.module[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    engine.backward(loss)
+    engine.step()
+    if handle is not None:
+        handle.remove()
+
+step(False)
+before, scale_before = weights(), engine.loss_scale
+step(True)
+after, scale_after = weights(), engine.loss_scale
+skipped = engine.skipped_steps
+step(False)
+moved = weights()
+print(json.dumps({
+    "skipped": skipped, "scale_before": scale_before, "scale_after": scale_after,
+    "unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+    "finite": all(bool(torch.isfinite(w).all()) for w in after + moved),
+    "moved_after": any(not torch.equal(a, b) for a, b in zip(after, moved)),
+    "skipped_final": engine.skipped_steps}))
+"""
+
+
+def supported(precision: str) -> tuple[bool, str]:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    ok = acc.is_fp16_supported() if precision == "fp16" else acc.is_bf16_supported() if precision == "bf16" else True
+    return ok, f"{precision} training is not supported on this {acc.device_name()} accelerator"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_an_overflowed_step_is_skipped_and_never_reaches_the_weights(precision):
+    ok, reason = supported(precision)
+    if not ok:
+        pytest.skip(reason)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", OVERFLOW_SCRIPT, precision], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["skipped"] == 1 and result["skipped_final"] == 1, result
+    assert result["unchanged"] and result["finite"] and result["moved_after"], result
+    if precision == "fp16":  # the dynamic loss scale is lowered after the overflow
+        assert result["scale_after"] < result["scale_before"], result
