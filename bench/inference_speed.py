@@ -1,0 +1,180 @@
+"""Inference speed: the default LRC-BERT student against a BERT-base-config teacher.
+
+    python bench/inference_speed.py [--json] [--quick] [--compile]
+
+Both models are saved as Hugging Face directories and loaded the way a user of an
+exported student loads one (``AutoModelForSequenceClassification.from_pretrained``), random
+weights (timing only). Settings: sequence length 128 at batch 32 and at batch 1, and
+real-length batches of SST-2 dev sentences. Two paths, each timed for teacher and student
+interleaved in one loop (median of repeats):
+
+- ``plain``: eager attention, ``torch.no_grad``, batches in data order padded to their
+  longest row (what a first script does);
+- ``fast``: ``lrcbert.inference`` (SDPA attention, ``torch.inference_mode``, length-bucketed
+  batches, no attention mask when nothing is padded);
+- ``compiled`` (with ``--compile``): the fast path under ``torch.compile``.
+
+FLOPs are counted analytically (matmuls only: 2 * weights per token plus attention
+4 * T * d per token per layer), parameters with ``numel``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from bench.common import SHARED_DATA, Report, base_parser, median_ms, offline_teacher_dir, plot_bars  # noqa: E402
+from lrcbert import glue_tasks  # noqa: E402
+from lrcbert.inference import load_classifier_for_inference, predict_encoded  # noqa: E402
+from lrcbert.models import StudentShape, count_parameters, student_config, with_labels  # noqa: E402
+
+GOAL_SPEEDUP = 16.0
+
+
+def encoder_flops(config, lengths: list[int]) -> float:
+    """Forward matmul FLOPs of the encoder (+ pooler and head) over sequences of these lengths."""
+    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_token_linear = layers * 2 * (4 * d * d + 2 * d * ff)
+    total = 0.0
+    for t in lengths:
+        total += t * per_token_linear + layers * 4 * t * t * d  # QK^T and AV: 2 * 2 * T * d per token
+        total += 2 * (d * d + d * config.num_labels)  # pooler and classifier on [CLS]
+    return total
+
+
+def save_models(tmp: str) -> tuple[str, str]:
+    """A BERT-base-config teacher and the default student, as Hugging Face dirs (random weights)."""
+    tokenizer = AutoTokenizer.from_pretrained(offline_teacher_dir())
+    labels = ["negative", "positive"]
+    teacher_cfg = BertConfig(vocab_size=tokenizer.vocab_size)  # BERT-base: 12 x 768, 3072 FFN, 12 heads
+    dirs = []
+    for name, cfg in (("teacher", teacher_cfg), ("student", student_config(teacher_cfg, StudentShape()))):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(with_labels(cfg, labels))
+        path = os.path.join(tmp, name)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(path)
+    return dirs[0], dirs[1]
+
+
+def plain_predict(model, input_ids, pad_id: int, batch_size: int) -> None:
+    """Batches in data order, padded to their longest row, attention mask always passed."""
+    with torch.no_grad():
+        for start in range(0, len(input_ids), batch_size):
+            rows = input_ids[start:start + batch_size]
+            length = max(len(r) for r in rows)
+            ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+
+
+def settings_for(args, tokenizer) -> list[dict]:
+    """Each setting: name, the token-id rows, batch size."""
+    seq, big = (16, 2) if args.quick else (128, 32)
+    gen = torch.Generator().manual_seed(0)
+    fixed = lambda n: torch.randint(1000, 29000, (n, seq), generator=gen).tolist()  # noqa: E731
+    task = glue_tasks.get_task("sst2")
+    dev = glue_tasks.read_split(task, SHARED_DATA / "GLUE" / "SST-2", "dev")
+    n = 8 if args.quick else args.sst2_samples
+    real = tokenizer(dev.text_a[:n], truncation=True, max_length=128)["input_ids"]
+    return [{"name": f"seq{seq}_batch{big}", "rows": fixed(big), "batch_size": big},
+            {"name": f"seq{seq}_batch1", "rows": fixed(1), "batch_size": 1},
+            {"name": f"sst2_dev{n}_batch{big}", "rows": real, "batch_size": big}]
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per setting and model (median)")
+    parser.add_argument("--sst2_samples", type=int, default=256, help="first N SST-2 dev sentences")
+    parser.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+    args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()
+    repeats = 2 if args.quick else args.repeats
+    report = Report("inference_speed", args)
+    tmp = tempfile.mkdtemp(prefix="lrcbert-bench-")
+    try:
+        return measure(args, report, repeats, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, report: Report, repeats: int, tmp: str) -> int:
+    teacher_dir, student_dir = save_models(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    pad_id = tokenizer.pad_token_id
+
+    models = {"plain": {}, "fast": {}}
+    for role, path in (("teacher", teacher_dir), ("student", student_dir)):
+        models["plain"][role] = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+        models["fast"][role] = load_classifier_for_inference(path)
+    if args.compile:
+        models["compiled"] = {role: load_classifier_for_inference(p, compile=True)
+                              for role, p in (("teacher", teacher_dir), ("student", student_dir))}
+    t_cfg, s_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_dir)
+    t_params, s_params = count_parameters(models["fast"]["teacher"]), count_parameters(models["fast"]["student"])
+    report.data.update({"teacher": {"config": "bert-base (12x768, 3072, 12 heads)",
+                                    "parameters": t_params},
+                        "student": {"config": "4x312, 1200, 12 heads", "parameters": s_params},
+                        "param_ratio": t_params / s_params, "repeats": repeats, "threads": torch.get_num_threads()})
+    report.say(f"teacher {t_params / 1e6:.1f}M parameters, student {s_params / 1e6:.1f}M "
+               f"(x{t_params / s_params:.2f} smaller); {torch.get_num_threads()} threads, {repeats} repeats")
+
+    def run(path: str, role: str, setting: dict):
+        model = models[path][role]
+        if path == "plain":
+            return lambda: plain_predict(model, setting["rows"], pad_id, setting["batch_size"])
+        return lambda: predict_encoded(model, setting["rows"], None, pad_id, setting["batch_size"])
+
+    results = []
+    for setting in settings_for(args, tokenizer):
+        lengths = [len(r) for r in setting["rows"]]
+        flop_ratio = encoder_flops(t_cfg, lengths) / encoder_flops(s_cfg, lengths)
+        times = {(p, r): [] for p in models for r in ("teacher", "student")}
+        for fn in (run(p, r, setting) for p, r in times):  # warm-up (and compilation)
+            fn()
+        for _ in range(repeats):  # interleaved: load changes hit teacher and student alike
+            for key in times:
+                start = time.perf_counter()
+                run(*key, setting)()
+                times[key].append(time.perf_counter() - start)
+        row = {"setting": setting["name"], "examples": len(lengths), "tokens": sum(lengths),
+               "batch_size": setting["batch_size"], "flop_ratio": flop_ratio, "param_ratio": t_params / s_params}
+        for p in models:
+            t_ms, s_ms = median_ms(times[(p, "teacher")]), median_ms(times[(p, "student")])
+            row[p] = {"teacher_ms": t_ms, "student_ms": s_ms, "speedup": t_ms / s_ms,
+                      "teacher_ms_all": [1e3 * x for x in times[(p, "teacher")]],
+                      "student_ms_all": [1e3 * x for x in times[(p, "student")]]}
+        # headline fields: the fast path (the one lrcbert.inference gives a user)
+        row.update({k: row["fast"][k] for k in ("teacher_ms", "student_ms", "speedup")})
+        row["fast_over_plain"] = {r: row["plain"][f"{r}_ms"] / row["fast"][f"{r}_ms"] for r in ("teacher", "student")}
+        results.append(row)
+        report.say(f"{setting['name']:>22}: " + "; ".join(
+            f"{p} teacher {row[p]['teacher_ms']:.1f} ms, student {row[p]['student_ms']:.1f} ms, "
+            f"x{row[p]['speedup']:.2f}" for p in models) + f"; FLOP ratio x{flop_ratio:.2f}")
+    report.data["settings"] = results
+    report.data["goal_speedup"] = GOAL_SPEEDUP
+    report.data["goal_met"] = {r["setting"]: r["speedup"] >= GOAL_SPEEDUP for r in results}
+    plot_bars(report.path(".png"), "Teacher / student time (higher = student faster)",
+              [r["setting"] for r in results],
+              {**{f"{p} speedup": [r[p]["speedup"] for r in results] for p in models},
+               "FLOP ratio": [r["flop_ratio"] for r in results]}, "speedup (x)")
+    report.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

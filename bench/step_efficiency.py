@@ -1,0 +1,274 @@
+"""Step efficiency: what one LRC-BERT task-distillation step costs, part by part.
+
+    python bench/step_efficiency.py [--json] [--quick] [--teacher minilm|bert-base]
+
+One process, no launcher, the library's own pieces composed as ``finetune/glue.py``
+composes a step (``teacher_forward``, ``LRCObjective`` with batch negatives,
+``perturbed_loss`` / ``perturbation_delta``, AdamW from ``lrcbert.engine.build_optimizer``),
+plus a second variant whose COS-NCE negatives come from the ``MemoryBank`` (as
+``pretrain/general_distill.py`` draws them), with the enqueue after the step.
+
+Measured interleaved in every repeat, on real SST-2 training sentences:
+- the whole step, uninstrumented (the library's ``perturbed_loss``), per variant;
+- the same step with a timer around each phase (exclusive times: the bank's scoring is
+  taken out of the loss phase it runs in);
+- the reference: teacher forward + 2 x (student forward + backward with a plain
+  cross-entropy loss), the least any two-pass distillation step must do.
+Ratio = median(whole step) / median(reference). Goal: at most 1.10.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig  # noqa: E402
+
+from bench.common import SHARED_DATA, Report, base_parser, offline_teacher_dir, plot_bars  # noqa: E402
+from lrcbert import glue_tasks  # noqa: E402
+from lrcbert.bank import MemoryBank  # noqa: E402
+from lrcbert.batches import collate, encode  # noqa: E402
+from lrcbert.distill import LRCObjective, ObjectiveConfig  # noqa: E402
+from lrcbert.engine import build_optimizer  # noqa: E402
+from lrcbert.layer_map import uniform_layer_map  # noqa: E402
+from lrcbert.losses import LossWeights  # noqa: E402
+from lrcbert.models import (DistillStudent, StudentShape, count_parameters, freeze, student_config,  # noqa: E402
+                            teacher_forward, with_labels)
+from lrcbert.negatives import negative_generator  # noqa: E402
+from lrcbert.perturb import perturbation_delta, perturbed_loss  # noqa: E402
+
+GOAL_RATIO = 1.10
+STAGE2 = LossWeights(1.0, 1.0, 3.0)  # every term active: the dearer of the two stages
+EPSILON = 1e-5
+PHASES = ("teacher_forward", "teacher_vectors_and_negatives", "student_forward_clean", "losses_clean",
+          "perturbation_grad", "student_forward_perturbed", "losses_perturbed", "backward", "optimizer",
+          "bank_scoring", "bank_enqueue")
+
+
+class Phases:
+    """Exclusive wall time per named phase (an inner phase's time is not counted in the outer one)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._stack: list[list] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        frame = [name, time.perf_counter(), 0.0]  # name, start, time spent in inner phases
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            elapsed = time.perf_counter() - frame[1]
+            self.times[name] = self.times.get(name, 0.0) + elapsed - frame[2]
+            if self._stack:
+                self._stack[-1][2] += elapsed
+
+
+def build(args):
+    """Teacher (frozen, with a head), the student module, objective, optimizer, batches."""
+    labels = ["negative", "positive"]
+    tokenizer = AutoTokenizer.from_pretrained(offline_teacher_dir())
+    torch.manual_seed(0)
+    if args.teacher == "minilm":  # the real pretrained MiniLM encoder (6 x 384) with a new head
+        teacher_cfg = AutoConfig.from_pretrained(offline_teacher_dir())
+        teacher = AutoModelForSequenceClassification.from_pretrained(offline_teacher_dir(),
+                                                                     config=with_labels(teacher_cfg, labels))
+    else:
+        teacher_cfg = BertConfig(vocab_size=tokenizer.vocab_size)
+        teacher = AutoModelForSequenceClassification.from_config(with_labels(teacher_cfg, labels))
+    teacher = freeze(teacher)
+    student_hf = AutoModelForSequenceClassification.from_config(
+        with_labels(student_config(teacher_cfg, StudentShape()), labels))
+    layer_map = uniform_layer_map(student_hf.config.num_hidden_layers, teacher_cfg.num_hidden_layers)
+    module = DistillStudent(student_hf, [s for s, _ in layer_map], teacher_cfg.hidden_size).train()
+    objective = LRCObjective(layer_map, ObjectiveConfig("flatten", "cos_nce", 15, 1.1, False))
+    optimizer = build_optimizer(module, 1e-4, 0.01)
+    task = glue_tasks.get_task("sst2")
+    train = glue_tasks.read_split(task, SHARED_DATA / "GLUE" / "SST-2", "train")
+    n = args.batch_size * (args.repeats + args.warmup)
+    encoded = encode(tokenizer, train.text_a[:n], None, train.labels[:n], list(range(n)), args.max_seq_length)
+    batches = [collate(encoded, range(i, i + args.batch_size), tokenizer.pad_token_id)
+               for i in range(0, n, args.batch_size)]
+    bank_dim = teacher_cfg.hidden_size * args.max_seq_length
+    bank = MemoryBank(len(layer_map), args.bank_size, bank_dim, dtype=torch.float16, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for start in range(0, args.bank_size, args.batch_size):  # fill with ids the batches never use
+        fake = [torch.randn(args.batch_size, bank_dim, generator=gen) for _ in layer_map]
+        bank.enqueue(fake, torch.arange(start, start + args.batch_size) + 10**9)
+    return teacher, module, objective, optimizer, batches, bank, bank_dim, teacher_cfg
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--teacher", choices=["minilm", "bert-base"], default="minilm",
+                        help="minilm: the offline pretrained 6x384 MiniLM; bert-base: its config, random weights")
+    parser.add_argument("--batch_size", type=int, default=16, help="examples per step (paper: 16)")
+    parser.add_argument("--max_seq_length", type=int, default=64, help="truncation length (SST-2 fits in 64)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--bank_size", type=int, default=1024, help="memory bank slots (K = 15 negatives)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.max_seq_length, args.repeats, args.warmup, args.bank_size = 4, 32, 1, 1, 32
+    report = Report("step_efficiency", args)
+    teacher, module, objective, optimizer, batches, bank, bank_dim, teacher_cfg = build(args)
+    warmup = args.warmup
+    student_hf = module.model
+    k = objective.config.num_negatives
+    report.say(f"teacher {args.teacher} ({teacher_cfg.num_hidden_layers}x{teacher_cfg.hidden_size}, "
+               f"{count_parameters(teacher) / 1e6:.1f}M), student {count_parameters(student_hf) / 1e6:.1f}M; "
+               f"batch {args.batch_size}, max_seq_length {args.max_seq_length}, bank {args.bank_size} slots, "
+               f"K={k}, {torch.get_num_threads()} threads")
+
+    def negatives_for(batch, step, t_vectors, use_bank, ph):
+        if not use_bank:
+            return objective.batch_negatives(t_vectors, negative_generator(0, step, 0))
+
+        def from_bank(student_vectors):
+            with ph("bank_scoring"):
+                padded = [F.pad(z, (0, bank_dim - z.shape[1])) for z in student_vectors]
+                return bank.negative_distance_sums(padded, batch["rows"], k, bank.make_generator(step))
+        return from_bank
+
+    def enqueue(batch, t_vectors):
+        bank.enqueue([F.pad(v, (0, bank_dim - v.shape[1])) for v in t_vectors], batch["rows"])
+
+    def whole_step(batch, step, use_bank):
+        """The recipe's step, no timers: the library's perturbed_loss does steps 1-4."""
+        t_logits, t_hidden = teacher_forward(teacher, batch)
+        mask = batch["attention_mask"]
+        t_vectors = objective.teacher_vectors(t_hidden, mask)
+        negatives = negatives_for(batch, step, t_vectors, use_bank, Phases())
+
+        def loss_of(forward, delta=None):
+            s_logits, _, s_embed, projected = forward(batch["input_ids"], mask, batch["token_type_ids"], delta)
+            total, logs = objective(STAGE2, mask, projected, t_hidden, t_vectors, negatives, s_logits, t_logits,
+                                    batch["labels"])
+            return total, logs, s_embed
+
+        loss, _ = perturbed_loss(loss_of, module, module, EPSILON)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if use_bank:
+            enqueue(batch, t_vectors)
+
+    def phased_step(batch, step, use_bank, ph):
+        """The same step with a timer around each phase."""
+        with ph("teacher_forward"):
+            t_logits, t_hidden = teacher_forward(teacher, batch)
+        mask = batch["attention_mask"]
+        with ph("teacher_vectors_and_negatives"):
+            t_vectors = objective.teacher_vectors(t_hidden, mask)
+            negatives = negatives_for(batch, step, t_vectors, use_bank, ph)
+
+        def loss_of(delta, tag):
+            with ph(f"student_forward_{tag}"):
+                s_logits, _, s_embed, projected = module(batch["input_ids"], mask, batch["token_type_ids"], delta)
+            with ph(f"losses_{tag}"):
+                total, _ = objective(STAGE2, mask, projected, t_hidden, t_vectors, negatives, s_logits, t_logits,
+                                     batch["labels"])
+            return total, s_embed
+
+        clean, embeddings = loss_of(None, "clean")
+        with ph("perturbation_grad"):
+            delta = perturbation_delta(clean, embeddings, EPSILON)
+        loss, _ = loss_of(delta, "perturbed")
+        with ph("backward"):
+            loss.backward()
+        with ph("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if use_bank:
+            with ph("bank_enqueue"):
+                enqueue(batch, t_vectors)
+
+    def reference(batch, ph):
+        """Teacher forward + 2 x (student forward + backward, plain cross-entropy)."""
+        with ph("teacher_forward"):
+            teacher_forward(teacher, batch)
+        for i in range(2):
+            with ph(f"student_fwd_bwd_{i}"):
+                out = student_hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 token_type_ids=batch["token_type_ids"], labels=batch["labels"])
+                out.loss.backward()
+        with ph("optimizer"):  # not part of the reference sum; reported beside it
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    variants = {"batch_negatives": False, "bank_negatives": True}
+    samples = {name: {"whole": [], "phased": [], "phases": []} for name in variants}
+    samples["reference"] = {"total": [], "parts": []}
+    for step, batch in enumerate(batches):
+        timed = step >= warmup
+        ref = Phases()
+        reference(batch, ref)
+        if timed:
+            samples["reference"]["total"].append(sum(v for k_, v in ref.times.items() if k_ != "optimizer"))
+            samples["reference"]["parts"].append(ref.times)
+        for name, use_bank in variants.items():
+            start = time.perf_counter()
+            whole_step(batch, step, use_bank)
+            whole = time.perf_counter() - start
+            ph = Phases()
+            start = time.perf_counter()
+            phased_step(batch, step, use_bank, ph)
+            if timed:
+                samples[name]["whole"].append(whole)
+                samples[name]["phased"].append(time.perf_counter() - start)
+                samples[name]["phases"].append(ph.times)
+
+    med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    ref_ms = med(samples["reference"]["total"])
+    ref_opt = [r + p["optimizer"] for r, p in zip(samples["reference"]["total"], samples["reference"]["parts"])]
+    ref_opt_ms = med(ref_opt)
+    ref_parts = {key: med([p[key] for p in samples["reference"]["parts"]])
+                 for key in samples["reference"]["parts"][0]}
+    report.data.update({
+        "teacher": {"kind": args.teacher, "layers": teacher_cfg.num_hidden_layers, "hidden": teacher_cfg.hidden_size,
+                    "parameters": count_parameters(teacher)},
+        "student": {"config": "4x312, 1200, 12 heads", "parameters": count_parameters(student_hf)},
+        "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "bank_size": args.bank_size,
+        "num_negatives": k, "repeats": args.repeats,
+        "reference_ms": ref_ms, "reference_parts_ms": ref_parts, "reference_plus_optimizer_ms": ref_opt_ms,
+        "reference_formula": "teacher_forward + 2 x (student forward + backward)",
+        "goal_ratio": GOAL_RATIO, "variants": {}})
+    report.say(f"reference (teacher forward + 2 x student fwd+bwd): {ref_ms:.1f} ms  "
+               + ", ".join(f"{k_}: {v:.1f}" for k_, v in ref_parts.items()))
+    for name in variants:
+        s = samples[name]
+        phases = {p: med([t.get(p, 0.0) for t in s["phases"]]) for p in PHASES if any(p in t for t in s["phases"])}
+        whole_ms = med(s["whole"])
+        ratios = [w / r for w, r in zip(s["whole"], samples["reference"]["total"])]
+        entry = {"whole_step_ms": whole_ms, "phased_step_ms": med(s["phased"]), "phases_ms": phases,
+                 "ratio": whole_ms / ref_ms, "ratio_median_per_step": statistics.median(ratios),
+                 "ratio_to_reference_plus_optimizer": whole_ms / ref_opt_ms,
+                 "goal_met": whole_ms / ref_ms <= GOAL_RATIO}
+        report.data["variants"][name] = entry
+        report.say(f"{name}: whole step {whole_ms:.1f} ms, ratio to reference x{entry['ratio']:.3f} "
+                   f"(goal <= {GOAL_RATIO}: {'met' if entry['goal_met'] else 'missed'}); "
+                   f"to reference + one optimizer step x{entry['ratio_to_reference_plus_optimizer']:.3f}")
+        for p, v in phases.items():
+            report.say(f"    {p:>30}: {v:8.1f} ms")
+    # the headline: the task-distillation step as finetune/glue.py runs it (batch negatives)
+    report.data["ratio"] = report.data["variants"]["batch_negatives"]["ratio"]
+    names = list(variants)
+    plot_bars(report.path(".png"), f"One step, ms (teacher {args.teacher}, batch {args.batch_size}); "
+              f"reference {ref_ms:.0f} ms", [p.replace("_", "\n", 1) for p in PHASES],
+              {n: [report.data["variants"][n]["phases_ms"].get(p, 0.0) for p in PHASES] for n in names}, "ms")
+    report.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
