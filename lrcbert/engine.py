@@ -629,7 +629,7 @@ class Watchdog:
             except OSError:
                 continue  # a transient file-system error is no verdict
             if message and not self._stop.is_set():
-                print(f"error: {message}", file=sys.stderr, flush=True)
+                print_error(message)
                 os._exit(EXIT_PEER_DIED)
 
     def dead_peer(self) -> str | None:
@@ -673,6 +673,14 @@ def _process_alive(pid: int) -> bool:
         except PermissionError:
             pass
         return True
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, on a line of its own even below a progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"error: {message}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def dead_peer_after_failure(watchdog: Watchdog | None, wait_s: float = 10.0) -> str | None:

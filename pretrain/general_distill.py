@@ -215,20 +215,20 @@ def main(argv: list[str] | None = None) -> int:
             prepared = setup(args)
         except UserError as exc:
             if eng.env_rank() == 0:
-                print(f"error: {exc}", file=sys.stderr)
+                eng.print_error(str(exc))
             return 2
         guards = {"watchdog": None}
         try:
             train(args, prepared, preemption, guards)
         except UserError as exc:
             if eng.is_main():
-                print(f"error: {exc}", file=sys.stderr)
+                eng.print_error(str(exc))
             return 2
         except Exception:  # a collective failed: name the dead rank if that is the cause
             message = eng.dead_peer_after_failure(guards["watchdog"])
             if message is None:
                 raise
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            eng.print_error(message)
             return eng.EXIT_PEER_DIED
         finally:
             if guards["watchdog"] is not None:
