@@ -113,7 +113,7 @@ class CorpusDataset:
             offsets = np.load(os.path.join(self.path, files["offsets"]["name"]), mmap_mode="r")
             tokens = (np.load(os.path.join(self.path, name), mmap_mode="r") if record["num_tokens"]
                       else np.zeros(0, dtype))  # numpy cannot memory-map zero bytes
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # not an .npy file (garbage of the right size), unreadable
             raise UserError(f"corpus {self.path}: cannot read shard {name}: {exc}") from None
         n = record["num_sequences"]
         if (tokens.shape != (record["num_tokens"],) or tokens.dtype != dtype or offsets.shape != (n + 1,)

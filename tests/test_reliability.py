@@ -31,6 +31,7 @@ import torch
 
 from finetune import glue
 from lrcbert import engine as eng
+from pretrain import general_distill as gd
 from lrcbert.corpus import CorpusConfig, prepare_corpus
 from tests.helpers import GLUE, REPO, SHARED_DATA, free_port, offline_teacher_dir, read_scalars
 
@@ -526,3 +527,15 @@ def test_checkpoint_of_another_model_is_refused(sst2_teacher, copied_run, tmp_pa
     assert "holds another model: parameter" in line and "48]" in line and "64]" in line, line
     after = {p.name: p.stat().st_mtime_ns for p in (copied_run / "checkpoints" / "step-0000010").iterdir()}
     assert after == before and latest(copied_run) == "step-0000010"
+
+
+def test_unreadable_corpus_shard_is_refused(corpus, tmp_path, capsys):
+    broken = tmp_path / "corpus"
+    shutil.copytree(corpus, broken)
+    shard = sorted(broken.glob("shard_*.tokens.npy"))[0]
+    shard.write_bytes(b"\x00" * shard.stat().st_size)  # the recorded size, but not an .npy array any more
+    args = pretrain_args(broken, tmp_path / "out")
+    assert gd.main(args) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: corpus ") and f"cannot read shard {shard.name}" in lines[0]
+    assert not (tmp_path / "out").exists()
