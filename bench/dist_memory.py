@@ -1,0 +1,171 @@
+"""One rank of ``bench/memory.py``'s run (started by the ``deepspeed`` launcher, CPU ranks, gloo).
+
+    deepspeed --num_gpus 2 bench/dist_memory.py --ds_config ds_configs/z2.json --out_dir DIR
+
+Trains the default student (DistillStudent: 4x312 plus projections to the teacher width) for
+a few steps through ``lrcbert.engine.Engine`` with COS-NCE-style negatives from the sharded
+``MemoryBank``, and writes ``DIR/rank{R}.json``: peak RSS (VmHWM), RSS before the model,
+the model states this rank holds (parameters, gradients, optimizer states) and the payload
+bytes of every collective of the last step, by source (``bank`` or ``engine``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+COUNTS: dict[str, dict[str, int]] = {}
+_TAG = ["setup"]
+
+
+def _nbytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def _counting(name: str, fn, payload):
+    """Wrap a collective so the logical payload of each call is added to COUNTS[tag][name]."""
+    def wrapper(*args, **kwargs):
+        per_tag = COUNTS.setdefault(_TAG[0], {})
+        per_tag[name] = per_tag.get(name, 0) + payload(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def install_counters() -> None:
+    """Before the process group exists: DeepSpeed looks some collectives up once, at start."""
+    arg = lambda key, pos: lambda *a, **k: _nbytes(k[key] if key in k else a[pos])  # noqa: E731
+    wrapped = {"all_reduce": arg("tensor", 0), "broadcast": arg("tensor", 0),
+               "all_gather": arg("tensor_list", 0),  # the gathered list: what each rank ends up with
+               "all_gather_into_tensor": arg("output_tensor", 0),
+               "reduce_scatter_tensor": arg("input", 1),  # the full input each rank contributes
+               "reduce_scatter": arg("input_list", 1), "reduce": arg("tensor", 0),
+               "all_to_all": arg("input_tensor_list", 1),
+               "scatter": arg("tensor", 0)}  # gloo's all_to_all (backward of an autograd all_gather) is W scatters
+    for name, payload in wrapped.items():
+        if hasattr(dist, name):
+            setattr(dist, name, _counting(name, getattr(dist, name), payload))
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def tensor_bytes(obj, seen: set) -> int:
+    """Bytes of the tensors in an optimizer's state (nested wrappers followed via ``.optimizer``)."""
+    total = 0
+    for _ in range(4):
+        state = getattr(obj, "state", None)
+        if isinstance(state, dict) and id(state) not in seen:
+            seen.add(id(state))
+            for entry in state.values():
+                if isinstance(entry, dict):
+                    total += sum(_nbytes(v) for v in entry.values() if torch.is_tensor(v) and v.dim() > 0)
+        obj = getattr(obj, "optimizer", None)
+        if obj is None:
+            break
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ds_config", required=True)
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--micro_batch_size", type=int, default=16)
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--teacher_width", type=int, default=768, help="projection width d' (BERT-base: 768)")
+    parser.add_argument("--bank_size", type=int, default=256)
+    parser.add_argument("--num_negatives", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a 2x64 student (smoke test)")
+    parser.add_argument("--local_rank", type=int, default=0)  # the launcher passes it
+    args = parser.parse_args()
+    install_counters()
+
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from lrcbert import engine as eng
+    from lrcbert.bank import MemoryBank
+    from lrcbert.models import DistillStudent, StudentShape, count_parameters, student_config, with_labels
+
+    eng.init_distributed(600)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rss_before_model = rss_kib("VmRSS")
+    torch.manual_seed(0)
+    shape = StudentShape(2, 64, 128, 4) if args.tiny else StudentShape()
+    base = BertConfig(vocab_size=30522, hidden_size=args.teacher_width, num_attention_heads=12)
+    student = AutoModelForSequenceClassification.from_config(with_labels(student_config(base, shape), ["a", "b"]))
+    layers = list(range(1, shape.num_layers + 1))
+    module = DistillStudent(student, layers, args.teacher_width)
+    n_params = count_parameters(module)
+    settings = eng.TrainerSettings(args.micro_batch_size, 1, world, 1.0, "fp32")
+    ds_config = eng.resolve_ds_config(args.ds_config, settings)
+    optimizer = eng.build_optimizer(module, 1e-4, 0.01)
+    engine = eng.Engine(module, optimizer, lambda step: 1.0, ds_config)
+    dim = args.max_seq_length * args.teacher_width  # flatten pooling
+    bank = MemoryBank(len(layers), args.bank_size, dim, rank, world, torch.float16, seed=0)
+    gen = torch.Generator().manual_seed(rank)
+    b, t = args.micro_batch_size, args.max_seq_length
+    for start in range(0, args.bank_size, b * world):  # fill the bank (ids no batch uses)
+        ids = torch.arange(start + rank * b, start + rank * b + b) + 10**9
+        bank.enqueue([torch.randn(b, dim, generator=gen) for _ in layers], ids)
+
+    engine.train()
+    for step in range(args.steps):
+        if step == args.steps - 1:
+            COUNTS.clear()  # the last step's collectives only
+        input_ids = torch.randint(1000, 29000, (b, t), generator=gen)
+        mask = torch.ones(b, t, dtype=torch.long)
+        rows = torch.arange(b) + rank * b + step * b * world
+        teacher_vectors = [torch.randn(b, dim, generator=gen) for _ in layers]  # stands in for the teacher
+        _TAG[0] = "engine"
+        logits, _, _, projected = engine(input_ids, mask, torch.zeros_like(input_ids))
+        student_vectors = [p.reshape(b, -1).float() for p in projected]
+        _TAG[0] = "bank"
+        sums, k = bank.negative_distance_sums(student_vectors, rows, args.num_negatives, bank.make_generator(step))
+        # the bank's backward collectives run between the gradient reaching its outputs and its inputs
+        for out in sums:
+            out.register_hook(lambda grad: _TAG.__setitem__(0, "bank") or grad)
+        for vec in student_vectors:
+            vec.register_hook(lambda grad: _TAG.__setitem__(0, "engine") or grad)
+        loss = sum(s.mean() for s in sums) / k + F.cross_entropy(logits.float(), torch.zeros(b, dtype=torch.long))
+        _TAG[0] = "engine"
+        engine.backward(loss)
+        engine.step()
+        _TAG[0] = "bank"
+        bank.enqueue(teacher_vectors, rows)
+        _TAG[0] = "engine"
+
+    params_local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * 4
+                       for p in module.parameters())
+    record = {"rank": rank, "world_size": world, "zero_stage": engine.zero_stage, "parameters": n_params,
+              "rss_peak_kib": rss_kib("VmHWM"), "rss_end_kib": rss_kib("VmRSS"),
+              "rss_before_model_kib": rss_before_model, "param_bytes_local": params_local,
+              "optimizer_state_bytes_local": tensor_bytes(engine.engine.optimizer, set()),
+              "bank_bytes_local": bank.bytes_per_rank(), "bank_vector_bytes_local": _nbytes(bank.vectors),
+              "collective_payload_bytes_last_step": COUNTS, "micro_batch_size": b, "max_seq_length": t,
+              "bank_dim": dim, "num_layers_mapped": len(layers), "num_negatives": k}
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    eng.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
