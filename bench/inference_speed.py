@@ -12,6 +12,7 @@ interleaved in one loop (median of repeats):
   longest row (what a first script does);
 - ``fast``: ``lrcbert.inference`` (SDPA attention, ``torch.inference_mode``, length-bucketed
   batches, no attention mask when nothing is padded);
+- ``fast_bf16``: the fast path with bf16 weights and activations (this CPU has AVX512-BF16);
 - ``compiled`` (with ``--compile``): the fast path under ``torch.compile``.
 
 FLOPs are counted analytically (matmuls only: 2 * weights per token plus attention
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per setting and model (median)")
     parser.add_argument("--sst2_samples", type=int, default=256, help="first N SST-2 dev sentences")
     parser.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+    parser.add_argument("--no_bf16", action="store_true", help="skip the bf16 fast path")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     repeats = 2 if args.quick else args.repeats
@@ -121,6 +123,9 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
     for role, path in (("teacher", teacher_dir), ("student", student_dir)):
         models["plain"][role] = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
         models["fast"][role] = load_classifier_for_inference(path)
+    if not args.no_bf16:
+        models["fast_bf16"] = {role: load_classifier_for_inference(p, dtype=torch.bfloat16)
+                               for role, p in (("teacher", teacher_dir), ("student", student_dir))}
     if args.compile:
         models["compiled"] = {role: load_classifier_for_inference(p, compile=True)
                               for role, p in (("teacher", teacher_dir), ("student", student_dir))}

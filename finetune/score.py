@@ -2,8 +2,10 @@
 
     python finetune/score.py --model runs/sst2-student/model --task sst2 --data_dir GLUE/SST-2
 
-The model is loaded with ``AutoModelForSequenceClassification.from_pretrained`` and nothing
-else from this project touches it: the figure checks what a user of the export will see.
+The model is loaded with ``AutoModelForSequenceClassification.from_pretrained`` (SDPA
+attention) and run by ``lrcbert.inference`` (length-bucketed batches, ``inference_mode``): the
+unmodified Hugging Face model on the fast path a user of the export would take, so the figure
+checks what that user will see.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from lrcbert import glue_tasks  # noqa: E402
 from lrcbert.config import parse_args  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.inference import load_classifier_for_inference, predict_logits  # noqa: E402
 
 
 @dataclass
@@ -36,24 +38,18 @@ class ScoreArgs:
     batch_size: int = field(default=64, metadata={"help": "examples per batch"})
 
 
-@torch.no_grad()
 def score(args: ScoreArgs) -> dict[str, dict[str, float]]:
     task = glue_tasks.get_task(args.task)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"--model {args.model} is not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    model = load_classifier_for_inference(args.model)
     results = {}
     for split in task.dev_splits:
         ex = glue_tasks.read_split(task, args.data_dir, split)
         n = len(ex) if args.max_eval_samples <= 0 else min(len(ex), args.max_eval_samples)
-        outs = []
-        for start in range(0, n, args.batch_size):
-            stop = min(start + args.batch_size, n)
-            enc = tokenizer(ex.text_a[start:stop], ex.text_b[start:stop] if ex.text_b else None, truncation=True,
-                            max_length=args.max_seq_length, padding=True, return_tensors="pt")
-            outs.append(model(**enc).logits.float())
-        logits = torch.cat(outs)
+        logits = predict_logits(model, tokenizer, ex.text_a[:n], ex.text_b[:n] if ex.text_b else None,
+                                args.max_seq_length, args.batch_size)
         preds = logits.reshape(-1).numpy() if task.is_regression else logits.argmax(-1).numpy()
         results[split] = glue_tasks.compute_metrics(task, preds, np.asarray(ex.labels[:n]))
     return results
