@@ -50,11 +50,11 @@ VARIANTS = {
     "no_two_stage": ("(e) no two-stage schedule (stage-2 weights throughout)", ["--stage1_fraction", "0"]),
 }
 
-FULL = dict(seeds="1,2,3", train_samples=4000, eval_samples=-1, seq=64, micro_batch_size=16,
-            teacher_steps=150, teacher_lr=1e-4, student_steps=200, student_lr=3e-4,
+FULL = dict(seeds="1,2,3", train_samples=4000, eval_samples=-1, seq=64, micro_batch_size=8,
+            teacher_micro_batch_size=16, teacher_steps=150, teacher_lr=1e-4, student_steps=400, student_lr=3e-4,
             student_layers=4, student_hidden=312, student_intermediate=1200, student_heads=12, ranks=2)
 QUICK = dict(seeds="1", train_samples=256, eval_samples=128, seq=32, micro_batch_size=8,
-             teacher_steps=20, teacher_lr=5e-4, student_steps=8, student_lr=1e-3,
+             teacher_micro_batch_size=8, teacher_steps=20, teacher_lr=5e-4, student_steps=8, student_lr=1e-3,
              student_layers=2, student_hidden=64, student_intermediate=128, student_heads=4, ranks=1)
 
 
@@ -123,7 +123,7 @@ def run_recipe(args, out: Path, flags: list[str]) -> dict:
     cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
            str(REPO / "finetune" / "glue.py"), "--ds_config", args.ds_config, "--task", args.task,
            "--data_dir", args.data_dir, "--output_dir", str(out), "--max_seq_length", str(args.seq),
-           "--micro_batch_size", str(args.micro_batch_size), "--max_train_samples", str(args.train_samples),
+           "--max_train_samples", str(args.train_samples),
            "--max_eval_samples", str(args.eval_samples), "--max_test_samples", "0", "--save_steps", "0",
            "--keep_checkpoints", "1", *flags]
     if out.exists():
@@ -171,7 +171,9 @@ def summarize(args, teacher_score: float, scores: dict[str, list[float]], metric
 
 def write_table(summary: dict, args, out: Path, command: str, wall_s: float) -> str:
     metric = summary["metric"]
-    lines = [f"Task {summary['task']}, dev {metric}; teacher {summary['teacher']:.4f}. "
+    teacher = ("given (--finetuned_teacher)" if args.finetuned_teacher else
+               f"{args.teacher_steps} steps at lr {args.teacher_lr}, micro-batch {args.teacher_micro_batch_size}")
+    lines = [f"Task {summary['task']}, dev {metric}; teacher {summary['teacher']:.4f} ({teacher}). "
              f"Seeds {args.seeds}; student {args.student_layers}L-{args.student_hidden}-{args.student_intermediate}, "
              f"{args.student_steps} steps at lr {args.student_lr}, {args.train_samples} training examples, "
              f"seq {args.seq}, {args.ranks} rank(s) x micro-batch {args.micro_batch_size}.", "",
@@ -226,6 +228,7 @@ def main(argv=None) -> int:
         print(f"teacher: fine-tuning {args.teacher} on {args.task} for {args.teacher_steps} steps", flush=True)
         teacher_results = run_recipe(args, out / "teacher", [
             "--stage", "teacher", "--teacher", args.teacher, "--max_steps", str(args.teacher_steps),
+            "--micro_batch_size", str(args.teacher_micro_batch_size),
             "--learning_rate", str(args.teacher_lr), "--seed", "1"])
         teacher_dir = str(out / "teacher" / "model")
         teacher_score = score_of(teacher_results, metric)
@@ -239,6 +242,7 @@ def main(argv=None) -> int:
             print(f"{VARIANTS[name][0]}, seed {seed}", flush=True)
             results = run_recipe(args, out / name / f"seed{seed}", [
                 "--teacher", teacher_dir, *student, "--max_steps", str(args.student_steps),
+                "--micro_batch_size", str(args.micro_batch_size),
                 "--learning_rate", str(args.student_lr), "--seed", str(seed), *VARIANTS[name][1],
                 *(["--teacher_gate", "false"] if args.skip_teacher_gate else [])])
             scores.setdefault(name, []).append(score_of(results, metric))
