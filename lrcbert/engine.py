@@ -683,9 +683,9 @@ def print_error(message: str) -> None:
     sys.stderr.flush()
 
 
-def dead_peer_after_failure(watchdog: Watchdog | None, wait_s: float = 10.0) -> str | None:
+def dead_peer_after_failure(watchdog: Watchdog | None, wait_s: float = 5.0) -> str | None:
     """After a collective failed: the dead peer that explains it (polled for ``wait_s``), or None."""
-    if watchdog is None:
+    if watchdog is None or watchdog.world == 1:
         return None
     deadline = time.monotonic() + wait_s
     while True:

@@ -232,6 +232,28 @@ def test_task_stage_sigkill_at_any_step_resumes_exactly(sst2_teacher, glue_refer
     assert checkpoint_entries(out) == ["latest", "step-0000008", "step-0000010"]
 
 
+BF16_RTOL = 1e-3  # the stated tolerance for bf16 resume (CPU kernels are deterministic: equal in practice)
+
+
+def test_task_stage_bf16_sigkill_resumes_within_tolerance(sst2_teacher, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    proc = launcher("finetune/glue.py", glue_args(reference, sst2_teacher, "--precision", "bf16"), tmp_path / "log0")
+    text = finish(proc, tmp_path / "log0")
+    assert proc.returncode == 0, text[-3000:]
+    args = glue_args(out, sst2_teacher, "--precision", "bf16")
+    proc = launcher("finetune/glue.py", args, tmp_path / "log1")
+    wait_for(lambda: past_a_checkpoint(out, 4), 300, "a step past the step-4 checkpoint", proc, tmp_path / "log1")
+    kill_group(proc)
+    proc = launcher("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
+    text = finish(proc, tmp_path / "log2")
+    assert proc.returncode == 0, text[-3000:]
+    ours, theirs = read_scalars(out / "tensorboard"), read_scalars(reference / "tensorboard")
+    for tag in ("loss/total", "loss/cos", "loss/hard"):
+        assert [s for s, _ in ours[tag]] == list(range(1, GLUE_STEPS + 1)), tag
+        for (step, a), (_, b) in zip(ours[tag], theirs[tag]):
+            assert a == pytest.approx(b, rel=BF16_RTOL), (tag, step)
+
+
 def assert_checkpoint_holds_everything(folder: Path, ranks: int, bank: bool) -> None:
     """Weights, optimizer, scheduler, every rank's Python/NumPy/torch RNG, the data position, the
     schedule's inputs and (general distillation) each rank's memory-bank shard."""
