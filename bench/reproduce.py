@@ -237,8 +237,8 @@ def main(argv=None) -> int:
     student = ["--student_layers", str(args.student_layers), "--student_hidden", str(args.student_hidden),
                "--student_intermediate", str(args.student_intermediate), "--student_heads", str(args.student_heads)]
     scores: dict[str, list[float]] = {}
-    for name in args.variants:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: an interrupted table already covers every variant
+        for name in args.variants:
             print(f"{VARIANTS[name][0]}, seed {seed}", flush=True)
             results = run_recipe(args, out / name / f"seed{seed}", [
                 "--teacher", teacher_dir, *student, "--max_steps", str(args.student_steps),
