@@ -358,7 +358,10 @@ class Engine:
             final = os.path.join(save_dir, tag)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _write_atomic(os.path.join(save_dir, LATEST), tag)
+            try:
+                _write_atomic(os.path.join(save_dir, LATEST), tag)  # atomic: the old pointer or the new one
+            except OSError as exc:
+                raise _save_error(exc, save_dir, tag) from None
             _prune(save_dir, keep_last)
         barrier()
         return os.path.join(save_dir, tag)

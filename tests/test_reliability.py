@@ -412,6 +412,24 @@ def test_survivor_of_a_killed_rank_exits_naming_it(sst2_teacher, tmp_path):
     assert f"rank 1 (pid {ranks[1].pid}" in line and "died" in line, line
 
 
+def test_general_stage_under_the_launcher_survivor_exits_naming_the_killed_rank(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(corpus, out, "--max_steps", "100000", "--save_steps", "0", "--negatives", "batch",
+                         "--dist_timeout", "30")
+    proc = launcher("pretrain/general_distill.py", args, tmp_path / "log")
+    wait_for(lambda: last_logged_step(out, "loss/cos") >= 2, 300, "training", proc, tmp_path / "log")
+    pids = rank_pids(proc, "general_distill.py")
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)  # whichever rank that is: the other one must name it
+    killed = time.time()
+    text = finish(proc, tmp_path / "log", timeout=90)
+    waited = time.time() - killed
+    print(f"the launcher exited {waited:.1f}s after a rank was killed")
+    assert proc.returncode != 0 and waited < 30
+    line = [x for x in text.splitlines() if x.startswith("error: ")][-1]
+    assert f"(pid {pids[1]} on " in line and "died" in line, line
+
+
 # ------------------------------------------------------------------------------------ 4. a NaN/inf loss from bad data
 
 def test_inf_loss_from_a_bad_label_names_the_step_and_the_examples(tmp_path):
