@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,7 +48,11 @@ def machine() -> dict:
     import torch
 
     try:
-        import deepspeed
+        with contextlib.redirect_stdout(sys.stderr):  # its logger writes to stdout; --json owns stdout
+            import deepspeed
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator()
         ds_version = deepspeed.__version__
     except Exception:  # deepspeed is optional for some benchmarks
         ds_version = None
@@ -116,8 +121,10 @@ def plot_bars(path: Path, title: str, labels: list[str], series: dict[str, list[
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    top = max((v for values in series.values() for v in values), default=1.0)
+    ax.set_ylim(0, 1.3 * top)  # headroom for the legend
     if len(series) > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=min(4, len(series)), loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

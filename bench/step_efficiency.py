@@ -14,7 +14,8 @@ Measured interleaved in every repeat, on real SST-2 training sentences:
   taken out of the loss phase it runs in);
 - the reference: teacher forward + 2 x (student forward + backward with a plain
   cross-entropy loss), the least any two-pass distillation step must do.
-Ratio = median(whole step) / median(reference). Goal: at most 1.10.
+Ratio = median over steps of (whole step / the reference timed in the same iteration); the
+ratio of the two medians is reported beside it. Goal: at most 1.10.
 """
 
 from __future__ import annotations
@@ -250,12 +251,15 @@ def main(argv=None) -> int:
         phases = {p: med([t.get(p, 0.0) for t in s["phases"]]) for p in PHASES if any(p in t for t in s["phases"])}
         whole_ms = med(s["whole"])
         ratios = [w / r for w, r in zip(s["whole"], samples["reference"]["total"])]
+        ratio = statistics.median(ratios)  # paired: each step against the reference timed next to it
         entry = {"whole_step_ms": whole_ms, "phased_step_ms": med(s["phased"]), "phases_ms": phases,
-                 "ratio": whole_ms / ref_ms, "ratio_median_per_step": statistics.median(ratios),
-                 "ratio_to_reference_plus_optimizer": whole_ms / ref_opt_ms,
-                 "goal_met": whole_ms / ref_ms <= GOAL_RATIO}
+                 "ratio": ratio, "ratio_of_medians": whole_ms / ref_ms,
+                 "ratio_to_reference_plus_optimizer": statistics.median(
+                     w / r for w, r in zip(s["whole"], ref_opt)),
+                 "ratio_per_step": ratios, "goal_met": ratio <= GOAL_RATIO}
         report.data["variants"][name] = entry
         report.say(f"{name}: whole step {whole_ms:.1f} ms, ratio to reference x{entry['ratio']:.3f} "
+                   f"(median of per-step ratios; ratio of medians x{entry['ratio_of_medians']:.3f}) "
                    f"(goal <= {GOAL_RATIO}: {'met' if entry['goal_met'] else 'missed'}); "
                    f"to reference + one optimizer step x{entry['ratio_to_reference_plus_optimizer']:.3f}")
         for p, v in phases.items():
