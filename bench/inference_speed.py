@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else args.repeats
+    repeats = 1 if args.quick else args.repeats
     report = Report("inference_speed", args)
     tmp = tempfile.mkdtemp(prefix="lrcbert-bench-")
     try:

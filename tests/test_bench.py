@@ -1,0 +1,88 @@
+"""Smoke tests of the benchmarks (bench/*.py --quick): each runs, writes its JSON, and the figures are sane.
+
+The scripts run in this process through their ``main`` (one import of torch/transformers for
+all); memory.py additionally starts one two-rank run through the real deepspeed launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import corpus_throughput, inference_speed, memory, step_efficiency
+from tests.helpers import timeout
+
+MACHINE_KEYS = {"cpu_model", "cpu_cores", "torch", "deepspeed", "loadavg_start", "loadavg_end", "command"}
+
+
+def run_quick(module, name, tmp_path, capsys, extra=()):
+    assert module.main(["--quick", "--json", "--out_dir", str(tmp_path), *extra]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1, "--json prints exactly one line on stdout"
+    data = json.loads(lines[0])
+    assert data == json.loads((tmp_path / f"{name}.json").read_text())
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert data["quick"] is True
+    return data
+
+
+@timeout(120)
+def test_inference_speed_student_is_faster(tmp_path, capsys):
+    data = run_quick(inference_speed, "inference_speed", tmp_path, capsys, ["--no_bf16"])
+    assert len(data["settings"]) == 3
+    for row in data["settings"]:
+        for key in ("teacher_ms", "student_ms", "speedup", "flop_ratio", "param_ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert row["speedup"] == pytest.approx(row["teacher_ms"] / row["student_ms"])
+        assert row["speedup"] > 1.5, "a BERT-base-config teacher must be clearly slower than the 4x312 student"
+        assert 15 < row["flop_ratio"] < 25  # ~17.9 at seq 128; the attention term shifts it a little
+        assert 7 < row["param_ratio"] < 8  # the paper's 7.5x smaller
+    assert (tmp_path / "inference_speed.png").stat().st_size > 0
+
+
+@timeout(120)
+def test_step_efficiency_parts_and_ratio(tmp_path, capsys):
+    data = run_quick(step_efficiency, "step_efficiency", tmp_path, capsys)
+    assert data["reference_ms"] == pytest.approx(sum(v for k, v in data["reference_parts_ms"].items()
+                                                     if k != "optimizer"), rel=0.5)
+    for name, variant in data["variants"].items():
+        assert variant["ratio_of_medians"] == pytest.approx(variant["whole_step_ms"] / data["reference_ms"])
+        assert variant["ratio"] == pytest.approx(variant["ratio_per_step"][0])  # one timed step
+        phases = variant["phases_ms"]
+        for key in ("teacher_forward", "student_forward_clean", "perturbation_grad", "student_forward_perturbed",
+                    "losses_clean", "backward", "optimizer"):
+            assert phases[key] > 0, (name, key)
+    assert data["variants"]["bank_negatives"]["phases_ms"]["bank_scoring"] > 0
+    assert data["variants"]["bank_negatives"]["phases_ms"]["bank_enqueue"] > 0
+    assert "bank_scoring" not in data["variants"]["batch_negatives"]["phases_ms"]
+
+
+@timeout(90)
+def test_corpus_throughput_counts_tokens(tmp_path, capsys):
+    data = run_quick(corpus_throughput, "corpus_throughput", tmp_path, capsys)
+    runs = data["runs"]
+    for key in ("bare_1w", "bare_2w", "pipeline_1w", "pipeline_2w"):
+        assert runs[key]["tokens"] > 10_000 and runs[key]["tokens_per_s"] > 0
+    assert runs["bare_1w"]["tokens"] == runs["bare_2w"]["tokens"]  # same text, however split
+    assert runs["pipeline_1w"]["tokens"] == runs["pipeline_2w"]["tokens"]  # shards do not depend on workers
+    assert data["pipeline_over_bare_1w"] == pytest.approx(
+        runs["pipeline_1w"]["tokens_per_s"] / runs["bare_1w"]["tokens_per_s"])
+
+
+@timeout(150)
+def test_memory_bank_halves_and_two_rank_run(tmp_path, capsys):
+    data = run_quick(memory, "memory", tmp_path, capsys)
+    banks = {row["world_size"]: row for row in data["bank"]["per_world"]}
+    assert banks[2]["vector_bytes_per_rank"] * 2 == banks[1]["vector_bytes_per_rank"]
+    assert all(row["exactly_one_over_world"] for row in banks.values())
+    stage = data["two_rank_run"]["stages"][0]
+    assert [r["rank"] for r in stage["ranks"]] == [0, 1]
+    for r in stage["ranks"]:
+        assert r["rss_peak_mib"] > r["rss_before_model_mib"] > 0
+    check = data["model"]["checks_two_rank"][0]
+    assert check["bank_measured_over_model"] == pytest.approx(1.0, rel=0.01)
+    assert check["zero_measured_over_model"] == pytest.approx(1.0, rel=0.01)
+    scaling = {row["world_size"]: row for row in data["model"]["scaling"]}
+    assert scaling[512]["bank_wire_bytes"] > scaling[8]["bank_wire_bytes"]
