@@ -86,3 +86,34 @@ def test_memory_bank_halves_and_two_rank_run(tmp_path, capsys):
     assert check["zero_measured_over_model"] == pytest.approx(1.0, rel=0.01)
     scaling = {row["world_size"]: row for row in data["model"]["scaling"]}
     assert scaling[512]["bank_wire_bytes"] > scaling[8]["bank_wire_bytes"]
+
+
+def test_fast_path_matches_plain_transformers_in_input_order(tmp_path):
+    """lrcbert.inference (SDPA, length buckets, no mask when unpadded) gives the logits plain
+    transformers gives, row for row, for single sentences and pairs."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    from lrcbert.inference import length_buckets, load_classifier_for_inference, predict_logits
+    from tests.helpers import offline_teacher_dir
+
+    tok = AutoTokenizer.from_pretrained(offline_teacher_dir())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=3)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    a = ["a short one", "a much longer sentence with quite a few more words in it than the others", "mid size text here",
+         "x", "another sentence of some length", "the same length!", "the same length?"]
+    b = ["pair " * i for i in range(1, len(a) + 1)]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    fast = load_classifier_for_inference(str(tmp_path))
+    for text_b in (None, b):
+        enc = tok(a, text_b, truncation=True, max_length=16, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            want = plain(**enc).logits
+        got = predict_logits(fast, tok, a, text_b, max_seq_length=16, batch_size=3)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert sorted(i for batch in length_buckets([3, 1, 2, 3, 5], 2) for i in batch) == [0, 1, 2, 3, 4]
+    assert length_buckets([3, 1, 2, 3, 5], 2) == [[4, 0], [3, 2], [1]]
