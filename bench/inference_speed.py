@@ -130,8 +130,10 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
         models["fast_bf16"] = {role: load_classifier_for_inference(p, dtype=torch.bfloat16)
                                for role, p in (("teacher", teacher_dir), ("student", student_dir))}
     if args.compile:
-        models["compiled"] = {role: load_classifier_for_inference(p, compile=True)
-                              for role, p in (("teacher", teacher_dir), ("student", student_dir))}
+        models["compiled"] = {role: load_classifier_for_inference(p) for role, p in (("teacher", teacher_dir),
+                                                                                      ("student", student_dir))}
+        for model in models["compiled"].values():
+            model.forward = torch.compile(model.forward, dynamic=True)
     t_cfg, s_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_dir)
     t_params, s_params = count_parameters(models["fast"]["teacher"]), count_parameters(models["fast"]["student"])
     report.data.update({"teacher": {"config": "bert-base (12x768, 3072, 12 heads)",

@@ -7,9 +7,10 @@ What makes it fast, each measured in ``bench/inference_speed.py``:
 - SDPA attention (``attn_implementation="sdpa"``) and ``torch.inference_mode``;
 - length-bucketed batches: examples are sorted by token count, so a batch is padded to
   the longest of similar lengths instead of to the longest in the data;
-- a batch with no padding passes no attention mask, which lets SDPA skip the mask tensor;
-- optionally ``torch.compile`` (``compile=True``). It pays off only where the CPU and the
-  shapes allow; the benchmark records whether it did.
+- a batch with no padding passes no attention mask, which lets SDPA skip the mask tensor.
+
+``torch.compile`` is not used: on the 2-core CPU it was measured on (``bench/inference_speed.py
+--compile``) it cost about 70 s of compilation per model and gained nothing beyond the noise.
 
 The model itself is the unmodified Hugging Face one: ``from_pretrained`` on the directory.
 """
@@ -20,14 +21,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 
-def load_classifier_for_inference(model_dir: str, dtype: torch.dtype = torch.float32, compile: bool = False,
-                                  **kwargs):
+def load_classifier_for_inference(model_dir: str, dtype: torch.dtype = torch.float32, **kwargs):
     """``AutoModelForSequenceClassification.from_pretrained`` with SDPA attention, in eval mode."""
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="sdpa",
-                                                               dtype=dtype, **kwargs).eval()
-    if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
-    return model
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="sdpa",
+                                                              dtype=dtype, **kwargs).eval()
 
 
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
