@@ -40,6 +40,10 @@ EXIT_PEER_DIED = 3  # exit status of a rank that stops because another rank died
 # Test hook (tests/test_reliability.py): a step number; rank 0 pauses for good after that checkpoint's
 # temporary directory is complete and before it is renamed, so a test can kill a run mid-save.
 PAUSE_BEFORE_RENAME_ENV = "LRCBERT_PAUSE_BEFORE_RENAME"
+# Test hook: seconds every rank sleeps after each optimizer step. Tiny test runs finish ten steps in
+# under a second, faster than a test can watch for "past a checkpoint" and kill; the pause changes no
+# numbers (nothing random or timed feeds the maths), it only slows the run down to a test's pace.
+STEP_DELAY_ENV = "LRCBERT_STEP_DELAY"
 
 
 # ---------------------------------------------------------------- ranks (from the launcher's env)
@@ -248,6 +252,7 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.module = self.engine.module
+        self.step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -257,6 +262,8 @@ class Engine:
 
     def step(self) -> None:
         self.engine.step()
+        if self.step_delay:
+            time.sleep(self.step_delay)
 
     def train(self) -> None:
         self.engine.train()

@@ -45,6 +45,9 @@ STUDENT = ["--student_layers", "2", "--student_hidden", "48", "--student_interme
 GLUE_STEPS = 10
 PRETRAIN_STEPS = 12
 SEQ = 64
+# the runs a test kills "past a checkpoint" sleep after each step, or ten tiny steps may all be over
+# between two looks (the pause changes no numbers: the curves are still compared bit for bit)
+SLOW = {eng.STEP_DELAY_ENV: "0.7"}
 STARTED: list[subprocess.Popen] = []  # process groups ended by the autouse fixture if a test fails mid-run
 
 
@@ -212,7 +215,7 @@ GLUE_TAGS = ("loss/total", "loss/cos", "loss/soft", "loss/hard", "loss/clean/tot
 def test_task_stage_sigkill_at_any_step_resumes_exactly(sst2_teacher, glue_reference, tmp_path):
     out = tmp_path / "run"
     args = glue_args(out, sst2_teacher)
-    proc = launcher("finetune/glue.py", args, tmp_path / "log1")
+    proc = launcher("finetune/glue.py", args, tmp_path / "log1", env=SLOW)
     # past the step-4 checkpoint and into the steps after it: then SIGKILL the launcher and both ranks
     wait_for(lambda: past_a_checkpoint(out, 4), 300, "a step past the step-4 checkpoint", proc, tmp_path / "log1")
     kill_group(proc)
@@ -241,7 +244,7 @@ def test_task_stage_bf16_sigkill_resumes_within_tolerance(sst2_teacher, tmp_path
     text = finish(proc, tmp_path / "log0")
     assert proc.returncode == 0, text[-3000:]
     args = glue_args(out, sst2_teacher, "--precision", "bf16")
-    proc = launcher("finetune/glue.py", args, tmp_path / "log1")
+    proc = launcher("finetune/glue.py", args, tmp_path / "log1", env=SLOW)
     wait_for(lambda: past_a_checkpoint(out, 4), 300, "a step past the step-4 checkpoint", proc, tmp_path / "log1")
     kill_group(proc)
     proc = launcher("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
@@ -317,7 +320,7 @@ def pretrain_reference(corpus, tmp_path_factory) -> Path:
 def test_general_stage_sigkill_at_any_step_resumes_exactly(corpus, pretrain_reference, tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(corpus, out)
-    proc = launcher("pretrain/general_distill.py", args, tmp_path / "log1")
+    proc = launcher("pretrain/general_distill.py", args, tmp_path / "log1", env=SLOW)
     wait_for(lambda: past_a_checkpoint(out, 6, "loss/cos"), 300, "a step past the step-6 checkpoint", proc,
              tmp_path / "log1")
     kill_group(proc)
