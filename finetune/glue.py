@@ -224,23 +224,7 @@ def main(argv=None) -> int:
             if eng.env_rank() == 0:
                 eng.print_error(str(exc))
             return 2
-        guards = {"watchdog": None}
-        try:
-            train(args, *prepared, preemption=preemption, guards=guards)
-        except UserError as exc:
-            if eng.is_main():
-                eng.print_error(str(exc))
-            return 2
-        except Exception:  # a collective failed: name the dead rank if that is the cause
-            message = eng.dead_peer_after_failure(guards["watchdog"])
-            if message is None:
-                raise
-            eng.print_error(message)
-            return eng.EXIT_PEER_DIED
-        finally:
-            if guards["watchdog"] is not None:
-                guards["watchdog"].stop()
-    return 0
+        return eng.run_training(train, args, *prepared, preemption=preemption)
 
 
 def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encoded, order, total_steps, *,

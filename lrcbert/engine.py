@@ -705,6 +705,33 @@ def dead_peer_after_failure(watchdog: Watchdog | None, wait_s: float = 5.0) -> s
         time.sleep(0.2)
 
 
+def run_training(train, *args, **kwargs) -> int:
+    """Call ``train(*args, guards=..., **kwargs)`` and turn how it ends into the exit status.
+
+    ``guards["watchdog"]`` is where ``train`` puts its :class:`Watchdog` once the process group
+    is up. 0: done (or preempted and checkpointed); 2: a :class:`UserError`, printed once as
+    ``error: ...``; ``EXIT_PEER_DIED``: a collective failed because another rank died (named).
+    Any other exception propagates. The watchdog is stopped on every path.
+    """
+    guards = {"watchdog": None}
+    try:
+        train(*args, guards=guards, **kwargs)
+    except UserError as exc:
+        if is_main():
+            print_error(str(exc))
+        return 2
+    except Exception:  # a collective failed: name the dead rank if that is the cause
+        message = dead_peer_after_failure(guards["watchdog"])
+        if message is None:
+            raise
+        print_error(message)
+        return EXIT_PEER_DIED
+    finally:
+        if guards["watchdog"] is not None:
+            guards["watchdog"].stop()
+    return 0
+
+
 def check_finite_loss(loss: torch.Tensor, step: int, micro_step: int, example_ids: list,
                       what: str = "examples") -> None:
     """UserError on every rank if any rank's loss is NaN/inf, naming the step, the rank and the

@@ -217,26 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             if eng.env_rank() == 0:
                 eng.print_error(str(exc))
             return 2
-        guards = {"watchdog": None}
-        try:
-            train(args, prepared, preemption, guards)
-        except UserError as exc:
-            if eng.is_main():
-                eng.print_error(str(exc))
-            return 2
-        except Exception:  # a collective failed: name the dead rank if that is the cause
-            message = eng.dead_peer_after_failure(guards["watchdog"])
-            if message is None:
-                raise
-            eng.print_error(message)
-            return eng.EXIT_PEER_DIED
-        finally:
-            if guards["watchdog"] is not None:
-                guards["watchdog"].stop()
-    return 0
+        return eng.run_training(train, args, prepared, preemption)
 
 
-def train(args: PretrainArgs, p: Prepared, preemption: eng.Preemption, guards: dict) -> None:
+def train(args: PretrainArgs, p: Prepared, preemption: eng.Preemption, *, guards: dict) -> None:
     eng.init_distributed(args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = eng.device()
