@@ -91,6 +91,10 @@ class MemoryBank(nn.Module):
         self.register_buffer("sample_step", torch.zeros((), **long))
         self.register_buffer("seed", torch.tensor(seed, **long))
         self.register_buffer("shard", torch.tensor([rank, world_size], **long))
+        # The no-grad half of the last scoring (drawn slots -> per-row counts and direction sums),
+        # reused when the next call draws the same slots from the same contents: the clean and
+        # the perturbed pass of one step score against one draw (same generator state).
+        self._scoring_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, size={self.size}, dim={self.dim}, rank={self.rank}, "
@@ -185,6 +189,7 @@ class MemoryBank(nn.Module):
         for layer, vec in enumerate(teacher_vectors):
             rows = self._gather_rows(vec.detach().to(self.vectors), sizes, autograd=False)  # (B, F)
             self.vectors[layer, local] = rows[owned]
+        self._scoring_cache = None
         self.write_ptr.copy_((self.write_ptr + batch) % self.size)
         self.fill.clamp_(max=self.size - batch).add_(batch)
 
@@ -269,27 +274,50 @@ class MemoryBank(nn.Module):
         offset = sum(sizes[: self.rank])
         with torch.no_grad():
             ids_global = self._gather_rows(ids[:, None], sizes, autograd=False)[:, 0]  # (B,)
-            slots = self.sample_slots(ids_global, k, generator)  # (B, K)
-            owned = slots % self.world_size == self.rank
-            rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)[owned]
-            local, column = torch.unique(slots[owned] // self.world_size, return_inverse=True)
-            select = torch.zeros(slots.shape[0], local.numel(), device=slots.device)  # M: (B, U)
-            select[rows, column] = 1.0  # without replacement: each (row, slot) at most once
-            counts = select.sum(1)  # (B,) owned draws per row
+            counts, directions = self._scoring_plan(ids_global, k, generator)
 
         z_local = torch.stack([z.float() for z in student_vectors])  # (L, B_local, F)
         z = self._gather_rows(z_local, sizes, autograd=True)  # (L, B, F)
         z_hat = F.normalize(z, dim=-1, eps=_NORM_EPS)
-        partial = torch.stack([
-            counts - (z_hat[layer] * self._direction_sums(layer, local, select)).sum(-1)
-            for layer in range(self.num_layers)
-        ])  # (L, B)
+        partial = counts - (z_hat * directions).sum(-1)  # (L, B)
         if self.world_size > 1:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 partial = torch.distributed.nn.functional.all_reduce(partial, group=self.group)
         mine = partial[:, offset: offset + ids.numel()]
         return list(mine.unbind(0)), k
+
+    @torch.no_grad()
+    def _scoring_plan(self, ids_global: torch.Tensor, k: int,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(counts (B,), directions (L, B, F))`` for this rank: how many of each row's drawn
+        negatives this rank owns, and the sum of their normalized vectors per layer.
+
+        A caller-supplied generator in the same state, the same global ids and k, and no
+        enqueue, load or other write to the bank since, give the same draw: the previous plan is returned instead of
+        normalizing and summing the owned rows again. Every rank takes the same branch (all
+        the inputs of the decision are identical across ranks) and neither branch communicates.
+        """
+        key = None
+        if generator is not None:
+            # the contents' version counters catch in-place writes that bypass enqueue
+            key = (k, self.chunk_bytes, generator.device.type, self.vectors._version, self.ids._version,
+                   generator.get_state(), ids_global.clone())
+            cached = self._scoring_cache
+            if cached is not None and cached[0][:5] == key[:5] and torch.equal(cached[0][5], key[5]) \
+                    and torch.equal(cached[0][6], key[6]):
+                generator.set_state(cached[2])  # leave the generator where a fresh draw would
+                return cached[1]
+        slots = self.sample_slots(ids_global, k, generator)  # (B, K)
+        owned = slots % self.world_size == self.rank
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)[owned]
+        local, column = torch.unique(slots[owned] // self.world_size, return_inverse=True)
+        select = torch.zeros(slots.shape[0], local.numel(), device=slots.device)  # M: (B, U)
+        select[rows, column] = 1.0  # without replacement: each (row, slot) at most once
+        plan = (select.sum(1), torch.stack([self._direction_sums(layer, local, select)
+                                            for layer in range(self.num_layers)]))
+        self._scoring_cache = None if key is None else (key, plan, generator.get_state())
+        return plan
 
     @torch.no_grad()
     def _direction_sums(self, layer: int, local: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
@@ -324,6 +352,7 @@ class MemoryBank(nn.Module):
         if vectors is not None and vectors.shape != self.vectors.shape:
             raise UserError(f"memory bank checkpoint has shape {tuple(vectors.shape)} but this run expects "
                             f"{tuple(self.vectors.shape)} (layers, slots per rank, dim)")
+        self._scoring_cache = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -165,6 +165,45 @@ def test_chunked_scoring_matches_unchunked():
         torch.testing.assert_close(a, b)
 
 
+def test_a_repeated_draw_reuses_the_scoring_plan_and_a_changed_bank_does_not(monkeypatch):
+    # the clean and the perturbed pass of one step score against one draw: the second call
+    # must give the same sums and gradients without summing the bank's rows again
+    bank = filled_bank(size=12, dim=7, batches=4)
+    ids = torch.tensor([0, 5, 50])
+    z = [torch.randn(3, 7, requires_grad=True) for _ in range(2)]
+    calls = []
+    real = bank._direction_sums
+    monkeypatch.setattr(bank, "_direction_sums", lambda *a: calls.append(1) or real(*a))
+
+    def score(gen):
+        sums, _ = bank.negative_distance_sums(z, ids, 6, gen)
+        grads = torch.autograd.grad(torch.stack(sums).sum(), z)
+        return [s.detach() for s in sums], grads
+
+    gen = bank.make_generator(2)
+    first = score(gen)
+    after_first = gen.get_state()
+    assert len(calls) == 2  # one per layer
+    again = bank.make_generator(2)
+    second = score(again)
+    assert len(calls) == 2  # reused
+    assert torch.equal(again.get_state(), after_first)  # the generator ends where a fresh draw leaves it
+    for a, b in zip(first[0] + list(first[1]), second[0] + list(second[1])):
+        assert torch.equal(a, b)
+    score(bank.make_generator(3))  # another draw
+    assert len(calls) == 4
+    score(bank.make_generator(3))
+    bank.vectors[0, 0] += 1.0  # a write that bypasses enqueue
+    score(bank.make_generator(3))
+    assert len(calls) == 6
+    bank.enqueue([torch.randn(3, 7) for _ in range(2)], torch.arange(3) + 60)
+    score(bank.make_generator(3))
+    assert len(calls) == 8
+    slots = bank.sample_slots(ids, 6, bank.make_generator(3))
+    for got, want in zip(score(bank.make_generator(3))[0], brute_force_sums(bank, [t.detach() for t in z], slots)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- state and reshard
 
 def test_state_round_trip_continues_identically():
