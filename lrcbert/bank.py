@@ -314,15 +314,20 @@ class MemoryBank(nn.Module):
         local, column = torch.unique(slots[owned] // self.world_size, return_inverse=True)
         select = torch.zeros(slots.shape[0], local.numel(), device=slots.device)  # M: (B, U)
         select[rows, column] = 1.0  # without replacement: each (row, slot) at most once
-        plan = (select.sum(1), torch.stack([self._direction_sums(layer, local, select)
-                                            for layer in range(self.num_layers)]))
+        directions = torch.zeros(self.num_layers, select.shape[0], self.dim, device=select.device)
+        for layer in range(self.num_layers):
+            self._direction_sums(layer, local, select, out=directions[layer])
+        plan = (select.sum(1), directions)
         self._scoring_cache = None if key is None else (key, plan, generator.get_state())
         return plan
 
     @torch.no_grad()
-    def _direction_sums(self, layer: int, local: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-        """``(B, F)`` = select @ normalize(vectors[layer, local]) in fp32, chunked over slots."""
-        out = torch.zeros(select.shape[0], self.dim, device=select.device)
+    def _direction_sums(self, layer: int, local: torch.Tensor, select: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, F)`` = select @ normalize(vectors[layer, local]) in fp32, chunked over slots
+        (added into ``out``, zeros when not given)."""
+        if out is None:
+            out = torch.zeros(select.shape[0], self.dim, device=select.device)
         chunk = max(1, self.chunk_bytes // (4 * self.dim))
         for start in range(0, local.numel(), chunk):
             stored = self.vectors[layer, local[start: start + chunk]].float()

@@ -173,7 +173,7 @@ def test_a_repeated_draw_reuses_the_scoring_plan_and_a_changed_bank_does_not(mon
     z = [torch.randn(3, 7, requires_grad=True) for _ in range(2)]
     calls = []
     real = bank._direction_sums
-    monkeypatch.setattr(bank, "_direction_sums", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(bank, "_direction_sums", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
     def score(gen):
         sums, _ = bank.negative_distance_sums(z, ids, 6, gen)
