@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import corpus_throughput, inference_speed, memory, step_efficiency
+from bench import bank_scoring, corpus_throughput, inference_speed, memory, step_efficiency
 from tests.helpers import timeout
 
 MACHINE_KEYS = {"cpu_model", "cpu_cores", "torch", "deepspeed", "loadavg_start", "loadavg_end", "command"}
@@ -117,3 +117,10 @@ def test_fast_path_matches_plain_transformers_in_input_order(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert sorted(i for batch in length_buckets([3, 1, 2, 3, 5], 2) for i in batch) == [0, 1, 2, 3, 4]
     assert length_buckets([3, 1, 2, 3, 5], 2) == [[4, 0], [3, 2], [1]]
+
+
+@timeout(120)
+def test_bank_scoring_times_a_first_and_a_repeated_call(tmp_path, capsys):
+    data = run_quick(bank_scoring, "bank_scoring", tmp_path, capsys)
+    assert data["first_call_ms"] > 0 and data["repeated_call_ms"] > 0
+    assert len(data["per_repeat_ms"]) == data["repeats"] == 2
