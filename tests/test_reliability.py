@@ -79,12 +79,12 @@ def launcher(script: str, args: list[str], log: Path, ranks: int = 2, env: dict 
                   *args], log, env)
 
 
-def env_ranks(script: str, args: list[str], logs: Path, ranks: int) -> list[subprocess.Popen]:
+def env_ranks(script: str, args: list[str], logs: Path, ranks: int, env: dict | None = None) -> list[subprocess.Popen]:
     """One process per rank, ranks from the environment (as srun starts them): no launcher watches them."""
     port = str(free_port())
     return [start([sys.executable, str(REPO / script), *args], logs / f"rank{rank}.log",
                   {"RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})})
             for rank in range(ranks)]
 
 
@@ -370,7 +370,7 @@ def test_keep_last_n_and_stale_temporary_directories(tmp_path):
 def test_task_stage_signal_during_start_up_checkpoints_after_the_first_step(sst2_teacher, glue_reference, tmp_path):
     out = tmp_path / "run"
     args = glue_args(out, sst2_teacher)
-    proc = launcher("finetune/glue.py", args, tmp_path / "log1")
+    proc = launcher("finetune/glue.py", args, tmp_path / "log1", env=SLOW)  # margin: the signal lands before step 1 ends
     # as soon as both ranks have their handler (start of main: before data, models or process group)
     wait_for(lambda: len(pids := rank_pids(proc, "glue.py")) == 2 and all(handles(p, signal.SIGTERM) for p in pids),
              120, "the ranks' signal handlers", proc, tmp_path / "log1")
@@ -388,7 +388,8 @@ def test_task_stage_signal_during_start_up_checkpoints_after_the_first_step(sst2
 
 def test_general_stage_signal_during_start_up_checkpoints_after_the_first_step(corpus, tmp_path):
     out = tmp_path / "run"
-    [proc] = env_ranks("pretrain/general_distill.py", pretrain_args(corpus, out, "--negatives", "batch"), tmp_path, 1)
+    [proc] = env_ranks("pretrain/general_distill.py", pretrain_args(corpus, out, "--negatives", "batch"), tmp_path, 1,
+                       SLOW)
     wait_for(lambda: handles(proc.pid, signal.SIGUSR1), 120, "the signal handler", proc, tmp_path / "rank0.log")
     proc.send_signal(signal.SIGUSR1)
     text = finish(proc, tmp_path / "rank0.log")
