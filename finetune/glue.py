@@ -239,10 +239,7 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
     eng.barrier()
     if main_rank:
         os.makedirs(out, exist_ok=True)
-    eng.barrier()
-    guards["watchdog"] = eng.Watchdog(out, rank, dist.get_world_size(), args.dist_timeout)
-    eng.barrier()
-    guards["watchdog"].start()
+    guards["watchdog"] = eng.Watchdog.start_all(out, args.dist_timeout)
     eng.seed_everything(args.seed)
     label_names = None if task.is_regression else list(task.label_names)
     regression = task.is_regression
@@ -297,8 +294,7 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
         micro_step = int(state["micro_step"])
         if main_rank:
             print(f"resumed from step {engine.global_steps} ({micro_step} micro-batches consumed)")
-            if os.path.exists(os.path.join(out, eng.PREEMPTED)):
-                os.remove(os.path.join(out, eng.PREEMPTED))
+            eng.Preemption.clear_mark(out)
 
     schedule = TwoStageSchedule(total_steps, args.stage1_fraction, parse_weights(args.stage1_weights, "--stage1_weights"),
                                 parse_weights(args.stage2_weights, "--stage2_weights"))
@@ -324,8 +320,8 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
             logs = {"hard": loss.detach(), "total": loss.detach()}  # same keys on every rank
         else:
             loss, logs = distill_loss(args, engine, objective, teacher, batch, weights, rank, step)
-        train_ids = encoded["train"].index
-        eng.check_finite_loss(loss, step, micro_step, [train_ids[r] for r in batch["rows"].tolist()],
+        eng.check_finite_loss(loss, step, micro_step,
+                              lambda: [encoded["train"].index[r] for r in batch["rows"].tolist()],
                               what=f"{task.glue_name} train examples (index)")
         engine.backward(loss)
         engine.step()
@@ -356,8 +352,7 @@ def train(args, task, ds_config, teacher_cfg, scfg, tokenizer, layer_map, encode
                 engine.save(ckpt_dir, done, client_state(), args.keep_checkpoints)
             if main_rank:
                 if preempted:
-                    with open(os.path.join(out, eng.PREEMPTED), "w") as f:
-                        f.write(f"step {done} of {total_steps}: continue with --resume\n")
+                    eng.Preemption.mark(out, done, total_steps)
                 print(f"{'preempted' if preempted else 'stopped'} after step {done} of {total_steps}; "
                       "continue with --resume")
             monitor.close()

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -575,6 +576,19 @@ class Preemption:
     def _handler(self, signum, frame):
         self.requested = True
 
+    @staticmethod
+    def mark(output_dir: str, done: int, total: int) -> None:
+        """Leave ``OUTPUT_DIR/preempted`` (rank 0): the run stopped on a signal and can be resumed."""
+        with open(os.path.join(output_dir, PREEMPTED), "w") as f:
+            f.write(f"step {done} of {total}: continue with --resume\n")
+
+    @staticmethod
+    def clear_mark(output_dir: str) -> None:
+        """Remove the marker once a run has resumed (rank 0)."""
+        path = os.path.join(output_dir, PREEMPTED)
+        if os.path.exists(path):
+            os.remove(path)
+
     def agreed(self, device) -> bool:
         """True on every rank if any rank got a signal (one tiny all-reduce per step)."""
         flag = torch.tensor([float(self.requested)], device=device)
@@ -613,6 +627,15 @@ class Watchdog:
     def _write(self, state: str) -> None:
         _write_atomic(self._path(self.rank), json.dumps({"pid": os.getpid(), "host": self.host, "state": state}),
                       sync=False)
+
+    @classmethod
+    def start_all(cls, output_dir: str, timeout_s: float) -> "Watchdog":
+        """Collective: every rank's watchdog, started once all heartbeat files exist.
+        ``output_dir`` must exist (or be created by rank 0) when any rank calls this."""
+        barrier()  # rank 0 may just have created output_dir
+        watchdog = cls(output_dir, dist.get_rank(), dist.get_world_size(), timeout_s)
+        barrier()
+        return watchdog.start()
 
     def start(self) -> "Watchdog":
         """Call after a barrier that follows every rank's construction (all files exist)."""
@@ -732,17 +755,20 @@ def run_training(train, *args, **kwargs) -> int:
     return 0
 
 
-def check_finite_loss(loss: torch.Tensor, step: int, micro_step: int, example_ids: list,
+def check_finite_loss(loss: torch.Tensor, step: int, micro_step: int, example_ids: Callable[[], list],
                       what: str = "examples") -> None:
     """UserError on every rank if any rank's loss is NaN/inf, naming the step, the rank and the
-    examples of its micro-batch (so bad data can be found); one tiny all-reduce per micro-step."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    examples of its micro-batch (so bad data can be found); one tiny all-reduce per micro-step.
+
+    ``example_ids`` is a callable returning the micro-batch's ids: it runs only on a rank whose
+    loss is bad, so the hot path moves no ids from the device."""
+    bad = torch.isfinite(loss.detach()).all().logical_not().float().reshape(1)  # on the device: no sync yet
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if not bad.item():
         return
-    mine = None if torch.isfinite(loss.detach()).all() else (float(loss.detach().float()), list(example_ids))
+    mine = None if torch.isfinite(loss.detach()).all() else (float(loss.detach().float()), list(example_ids()))
     reports = [mine]
     if world > 1:
         reports = [None] * world

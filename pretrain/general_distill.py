@@ -74,7 +74,6 @@ from lrcbert.schedule import warmup_linear_decay, warmup_steps_from  # noqa: E40
 
 COS_ONLY = LossWeights(1.0, 0.0, 0.0)  # general distillation: COS-NCE only, alpha = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PREEMPTED = eng.PREEMPTED  # marker file in OUTPUT_DIR: the run stopped on a signal and can be resumed
 
 
 @dataclass
@@ -231,10 +230,7 @@ def train(args: PretrainArgs, p: Prepared, preemption: eng.Preemption, *, guards
     eng.barrier()
     if main_rank:
         os.makedirs(out, exist_ok=True)
-    eng.barrier()
-    guards["watchdog"] = eng.Watchdog(out, rank, world, args.dist_timeout)
-    eng.barrier()
-    guards["watchdog"].start()
+    guards["watchdog"] = eng.Watchdog.start_all(out, args.dist_timeout)
     eng.seed_everything(args.seed)
     batches = RankBatches(p.corpus, args.micro_batch_size, rank, world, args.seed)
     global_micro_batch = args.micro_batch_size * world
@@ -279,8 +275,7 @@ def train(args: PretrainArgs, p: Prepared, preemption: eng.Preemption, *, guards
             load_bank(bank, state["rank_state_files"], rank, world)
         if main_rank:
             print(f"resumed from step {engine.global_steps} (world {state.get('world_size')} -> {world})")
-            if os.path.exists(os.path.join(out, PREEMPTED)):
-                os.remove(os.path.join(out, PREEMPTED))
+            eng.Preemption.clear_mark(out)
 
     objective = LRCObjective(p.layer_map, ObjectiveConfig(args.pooling, "cos_nce", args.num_negatives))
     monitor = Monitor(os.path.join(out, "tensorboard"), p.total_steps, engine.global_steps, main_rank,
@@ -304,7 +299,8 @@ def train(args: PretrainArgs, p: Prepared, preemption: eng.Preemption, *, guards
         batch = {k: v.to(device) for k, v in next(stream).items()}
         loss, logs, t_vectors = distill_loss(args, engine, objective, teacher, bank if use_bank else None,
                                              batch, micro_step, rank, p.bank_dim)
-        eng.check_finite_loss(loss, engine.global_steps, micro_step, batch["rows"].tolist(), what="corpus sequences")
+        eng.check_finite_loss(loss, engine.global_steps, micro_step, batch["rows"].tolist,
+                              what="corpus sequences")
         engine.backward(loss)
         engine.step()
         micro_step += 1
@@ -336,8 +332,7 @@ def train(args: PretrainArgs, p: Prepared, preemption: eng.Preemption, *, guards
                 save(done)
             if main_rank:
                 if preempted:
-                    with open(os.path.join(out, PREEMPTED), "w") as f:
-                        f.write(f"step {done} of {p.total_steps}: continue with --resume\n")
+                    eng.Preemption.mark(out, done, p.total_steps)
                 print(f"{'preempted' if preempted else 'stopped'} after step {done} of {p.total_steps}; "
                       "continue with --resume")
             monitor.close()
