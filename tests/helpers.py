@@ -35,6 +35,34 @@ def make_tiny_encoder(path: Path, layers: int = 4, hidden: int = 64, seed: int =
     return str(path)
 
 
+def make_tiny_sst2_teacher(path: Path, tokenizer_dir: str | None = None) -> Path:
+    """A random 2-layer BERT classifier with SST-2's labels and the real uncased tokenizer
+    (a task teacher at chance level: run with --teacher_gate false)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or offline_teacher_dir())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, num_labels=2, id2label={0: "negative", 1: "positive"},
+                     label2id={"negative": 0, "positive": 1})
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_wiki_corpus(root: Path, lines: int, seq: int, tokenizer: str) -> Path:
+    """A corpus (``prepare_corpus``) of the first ``lines`` lines of WikiText-2's raw test file."""
+    from lrcbert.corpus import CorpusConfig, prepare_corpus
+
+    with open(SHARED_DATA / "wikitext-2" / "wiki.test.raw", "rb") as f:
+        (root / "slice.raw").write_bytes(b"".join(line for _, line in zip(range(lines), f)))
+    out = root / f"wiki{seq}"
+    prepare_corpus(CorpusConfig(output_dir=str(out), tokenizer=tokenizer, input=str(root / "slice.raw"),
+                                max_seq_length=seq, progress=False))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lrcbert import engine as eng
 from lrcbert.bank import MemoryBank
-from lrcbert.corpus import CorpusConfig, prepare_corpus
 from pretrain import general_distill as gd
-from tests.helpers import free_port, launch, scalar_curves
+from tests.helpers import free_port, launch, make_wiki_corpus, scalar_curves
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -106,13 +106,7 @@ def one_error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    with open(WIKI, "rb") as f:
-        (root / "slice.raw").write_bytes(b"".join(line for _, line in zip(range(300), f)))
-    out = root / f"wiki{SEQ}"
-    prepare_corpus(CorpusConfig(output_dir=str(out), tokenizer=teacher_dir(), input=str(root / "slice.raw"),
-                                max_seq_length=SEQ, progress=False))
-    return out
+    return make_wiki_corpus(tmp_path_factory.mktemp("corpus"), 300, SEQ, teacher_dir())
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +176,7 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus, tmp_path):
     code = proc.wait(timeout=120)
     log.close()
     assert code == 0, tail((tmp_path / "rank0.log").read_text())
-    assert "continue with --resume" in (out / gd.PREEMPTED).read_text()
+    assert "continue with --resume" in (out / eng.PREEMPTED).read_text()
     step = int((out / "checkpoints" / "latest").read_text().split("-")[1])
     assert 1 <= step < 1000 and not (out / "model").exists()
     # the requeued job: --resume continues after that step and clears the marker
@@ -191,7 +185,7 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus, tmp_path):
     assert proc.wait(timeout=120) == 0, tail((tmp_path / "rank0.log").read_text())
     log.close()
     assert (out / "checkpoints" / "latest").read_text() == f"step-{step + 1:07d}"
-    assert not (out / gd.PREEMPTED).exists()
+    assert not (out / eng.PREEMPTED).exists()
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")

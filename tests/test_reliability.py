@@ -32,8 +32,8 @@ import torch
 from finetune import glue
 from lrcbert import engine as eng
 from pretrain import general_distill as gd
-from lrcbert.corpus import CorpusConfig, prepare_corpus
-from tests.helpers import GLUE, REPO, SHARED_DATA, free_port, offline_teacher_dir, read_scalars
+from tests.helpers import (GLUE, REPO, SHARED_DATA, free_port, make_tiny_sst2_teacher, make_wiki_corpus,
+                           offline_teacher_dir, read_scalars)
 
 SST2, STSB = GLUE / "SST-2", GLUE / "STS-B"
 WIKI = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
@@ -183,17 +183,7 @@ def glue_args(out: Path, teacher: Path, *extra: str, task: str = "sst2", data: P
 @pytest.fixture(scope="module")
 def sst2_teacher(tmp_path_factory) -> Path:
     """A random tiny BERT classifier with SST-2's labels and the real uncased tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("teacher") / "sst2"
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(offline_teacher_dir())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, num_labels=2, id2label={0: "negative", 1: "positive"},
-                        label2id={"negative": 0, "positive": 1})
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tiny_sst2_teacher(tmp_path_factory.mktemp("teacher") / "sst2")
 
 
 @pytest.fixture(scope="module")
@@ -290,13 +280,7 @@ def teacher_dir() -> str:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    with open(WIKI, "rb") as f:
-        (root / "slice.raw").write_bytes(b"".join(line for _, line in zip(range(200), f)))
-    out = root / f"wiki{SEQ}"
-    prepare_corpus(CorpusConfig(output_dir=str(out), tokenizer=teacher_dir(), input=str(root / "slice.raw"),
-                                max_seq_length=SEQ, progress=False))
-    return out
+    return make_wiki_corpus(tmp_path_factory.mktemp("corpus"), 200, SEQ, teacher_dir())
 
 
 def pretrain_args(corpus: Path, out: Path, *extra: str) -> list[str]:

@@ -31,7 +31,7 @@ try:
 except ImportError:  # tests/ on sys.path (pytest's rootdir-less "prepend" import)
     from slurm_cluster import OneNodeCluster, TwoNodeCluster, free_port, skip_reason
 
-from tests.helpers import scalar_curves, timeout  # noqa: E402
+from tests.helpers import make_tiny_sst2_teacher, make_wiki_corpus, scalar_curves, timeout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -94,15 +94,7 @@ def teacher() -> str:
 
 @pytest.fixture(scope="module")
 def corpus(teacher, tmp_path_factory) -> Path:
-    from lrcbert.corpus import CorpusConfig, prepare_corpus
-
-    root = tmp_path_factory.mktemp("corpus")
-    with open(WIKI, "rb") as f:
-        (root / "slice.raw").write_bytes(b"".join(line for _, line in zip(range(200), f)))
-    out = root / f"wiki{SEQ}"
-    prepare_corpus(CorpusConfig(output_dir=str(out), tokenizer=teacher, input=str(root / "slice.raw"),
-                                max_seq_length=SEQ, progress=False))
-    return out
+    return make_wiki_corpus(tmp_path_factory.mktemp("corpus"), 200, SEQ, teacher)
 
 
 def write_config(path: Path, **overrides) -> Path:
@@ -248,21 +240,6 @@ def test_mpirun_open_mpi_discovery(corpus, teacher, tmp_path):
 
 # ------------------------------------------------------------------------------------ pipeline
 
-def tiny_task_teacher(path: Path, tokenizer_dir: str) -> Path:
-    """A random 2-layer SST-2 classifier with the teacher's vocabulary (run with --teacher_gate false)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, num_labels=2, id2label={0: "negative", 1: "positive"},
-                     label2id={"negative": 0, "positive": 1})
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 GLUE_FLAGS = ["--max_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "16", "--max_test_samples", "8",
               "--micro_batch_size", "8", "--eval_batch_size", "16", "--max_seq_length", str(SEQ),
               "--teacher_gate", "false", "--save_steps", "0", "--log_steps", "1"]
@@ -279,7 +256,7 @@ def submit_pipeline(cluster, env: dict[str, str], *args: str) -> tuple[int, int]
 @timeout(300)
 def test_pipeline_runs_the_sweep_after_pretraining(one_node, corpus, teacher, tmp_path):
     out = tmp_path / "general"
-    tiny_task_teacher(tmp_path / "teachers" / "sst2" / "model", teacher)
+    make_tiny_sst2_teacher(tmp_path / "teachers" / "sst2" / "model", teacher)
     env = job_env(one_node, out, write_config(tmp_path / "tiny.json", max_steps=4), teacher, corpus,
                   GLUE_DIR=GLUE, TEACHER_ROOT=tmp_path / "teachers", TASKS="sst2", LRS="3e-4",
                   PRETRAIN_SBATCH=f"--nodes 1 --ntasks-per-node 1 -o {tmp_path}/pretrain.out",
