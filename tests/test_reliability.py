@@ -98,6 +98,14 @@ def finish(proc: subprocess.Popen, log: Path, timeout: int = 420) -> str:
     return log.read_text()
 
 
+def run_to_end(script: str, args: list[str], log: Path) -> str:
+    """A launcher run that must finish with status 0; its output."""
+    proc = launcher(script, args, log)
+    text = finish(proc, log)
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -191,9 +199,7 @@ def glue_reference(sst2_teacher, tmp_path_factory) -> Path:
     """The uninterrupted two-rank ZeRO-2 task distillation every resumed run is compared with."""
     root = tmp_path_factory.mktemp("glue_reference")
     out = root / "run"
-    proc = launcher("finetune/glue.py", glue_args(out, sst2_teacher), root / "log")
-    text = finish(proc, root / "log")
-    assert proc.returncode == 0, text[-3000:]
+    run_to_end("finetune/glue.py", glue_args(out, sst2_teacher), root / "log")
     return out
 
 
@@ -213,9 +219,7 @@ def test_task_stage_sigkill_at_any_step_resumes_exactly(sst2_teacher, glue_refer
     killed_at = last_logged_step(out)
     assert_checkpoint_holds_everything(out / "checkpoints" / latest(out), ranks=2, bank=False)
 
-    proc = launcher("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
-    text = finish(proc, tmp_path / "log2")
-    assert proc.returncode == 0, text[-3000:]
+    text = run_to_end("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
     assert "resumed from step" in text
     print(f"killed after step {killed_at}, resumed from {text.split('resumed from step ')[1].split()[0]}")
     assert_same_curves(out, glue_reference, GLUE_TAGS, GLUE_STEPS)
@@ -230,16 +234,12 @@ BF16_RTOL = 1e-3  # the stated tolerance for bf16 resume (CPU kernels are determ
 
 def test_task_stage_bf16_sigkill_resumes_within_tolerance(sst2_teacher, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "run"
-    proc = launcher("finetune/glue.py", glue_args(reference, sst2_teacher, "--precision", "bf16"), tmp_path / "log0")
-    text = finish(proc, tmp_path / "log0")
-    assert proc.returncode == 0, text[-3000:]
+    run_to_end("finetune/glue.py", glue_args(reference, sst2_teacher, "--precision", "bf16"), tmp_path / "log0")
     args = glue_args(out, sst2_teacher, "--precision", "bf16")
     proc = launcher("finetune/glue.py", args, tmp_path / "log1", env=SLOW)
     wait_for(lambda: past_a_checkpoint(out, 4), 300, "a step past the step-4 checkpoint", proc, tmp_path / "log1")
     kill_group(proc)
-    proc = launcher("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
-    text = finish(proc, tmp_path / "log2")
-    assert proc.returncode == 0, text[-3000:]
+    run_to_end("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
     ours, theirs = read_scalars(out / "tensorboard"), read_scalars(reference / "tensorboard")
     for tag in ("loss/total", "loss/cos", "loss/hard"):
         assert [s for s, _ in ours[tag]] == list(range(1, GLUE_STEPS + 1)), tag
@@ -295,9 +295,7 @@ def pretrain_args(corpus: Path, out: Path, *extra: str) -> list[str]:
 def pretrain_reference(corpus, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pretrain_reference")
     out = root / "run"
-    proc = launcher("pretrain/general_distill.py", pretrain_args(corpus, out), root / "log")
-    text = finish(proc, root / "log")
-    assert proc.returncode == 0, text[-3000:]
+    run_to_end("pretrain/general_distill.py", pretrain_args(corpus, out), root / "log")
     return out
 
 
@@ -310,9 +308,7 @@ def test_general_stage_sigkill_at_any_step_resumes_exactly(corpus, pretrain_refe
     kill_group(proc)
     assert not (out / "model").exists()
     assert_checkpoint_holds_everything(out / "checkpoints" / latest(out), ranks=2, bank=True)
-    proc = launcher("pretrain/general_distill.py", [*args, "--resume"], tmp_path / "log2")
-    text = finish(proc, tmp_path / "log2")
-    assert proc.returncode == 0, text[-3000:]
+    run_to_end("pretrain/general_distill.py", [*args, "--resume"], tmp_path / "log2")
     assert_same_curves(out, pretrain_reference, ("loss/cos", "loss/cos_layer1", "loss/clean/cos", "bank/fill",
                                                  "bank/in_use", "train/lr"), PRETRAIN_STEPS)
     assert checkpoint_entries(out) == ["latest", "step-0000009", "step-0000012"]
@@ -331,9 +327,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(sst2_teacher, glue_ref
     assert latest(out) == "step-0000004" and tmp.is_dir() and not (out / "checkpoints" / "step-0000006").exists()
     eng.verify_checkpoint(str(out / "checkpoints" / "step-0000004"))  # complete, every file its recorded size
 
-    proc = launcher("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
-    text = finish(proc, tmp_path / "log2")
-    assert proc.returncode == 0, text[-3000:]
+    text = run_to_end("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
     assert "resumed from step 4" in text
     assert_same_curves(out, glue_reference, GLUE_TAGS, GLUE_STEPS)
     assert not tmp.exists()  # the killed save's leftovers are removed by the next save
@@ -363,9 +357,7 @@ def test_task_stage_signal_during_start_up_checkpoints_after_the_first_step(sst2
     text = finish(proc, tmp_path / "log1")
     assert proc.returncode == 0, text[-3000:]
     assert latest(out) == "step-0000001" and "continue with --resume" in (out / eng.PREEMPTED).read_text()
-    proc = launcher("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
-    text = finish(proc, tmp_path / "log2")
-    assert proc.returncode == 0, text[-3000:]
+    text = run_to_end("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
     assert not (out / eng.PREEMPTED).exists()
     assert_same_curves(out, glue_reference, GLUE_TAGS, GLUE_STEPS)
 
