@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -64,6 +65,13 @@ def machine() -> dict:
             "transformers": transformers.__version__, "platform": platform.platform(),
             "loadavg_start": list(os.getloadavg()),
             "command": " ".join(["python", *[a for a in sys.argv]])}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for the launcher's ``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def median_ms(samples_s: list[float]) -> float:

@@ -23,13 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import REPO, Report, base_parser  # noqa: E402
+from bench.common import REPO, Report, base_parser, free_port  # noqa: E402
 from lrcbert.bank import MemoryBank  # noqa: E402
 
 WORLDS = (1, 2, 8, 64, 512)
@@ -99,10 +98,7 @@ def default_trained_parameters(teacher_width: int) -> int:
 
 def launch_two_ranks(stage: int, out_dir: str, extra: list[str], timeout: int) -> list[dict]:
     """``deepspeed --num_gpus 2 bench/dist_memory.py`` in its own process group; the ranks' records."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(REPO / "bench" / "dist_memory.py"),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "bench" / "dist_memory.py"),
            "--ds_config", str(REPO / "ds_configs" / f"z{stage}.json"), "--out_dir", out_dir, *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

