@@ -316,23 +316,18 @@ class MemoryBank(nn.Module):
         select[rows, column] = 1.0  # without replacement: each (row, slot) at most once
         directions = torch.zeros(self.num_layers, select.shape[0], self.dim, device=select.device)
         for layer in range(self.num_layers):
-            self._direction_sums(layer, local, select, out=directions[layer])
+            self._direction_sums(layer, local, select, directions[layer])
         plan = (select.sum(1), directions)
         self._scoring_cache = None if key is None else (key, plan, generator.get_state())
         return plan
 
     @torch.no_grad()
-    def _direction_sums(self, layer: int, local: torch.Tensor, select: torch.Tensor,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, F)`` = select @ normalize(vectors[layer, local]) in fp32, chunked over slots
-        (added into ``out``, zeros when not given)."""
-        if out is None:
-            out = torch.zeros(select.shape[0], self.dim, device=select.device)
+    def _direction_sums(self, layer: int, local: torch.Tensor, select: torch.Tensor, out: torch.Tensor) -> None:
+        """Adds select @ normalize(vectors[layer, local]) into ``out`` (B, F), fp32, chunked over slots."""
         chunk = max(1, self.chunk_bytes // (4 * self.dim))
         for start in range(0, local.numel(), chunk):
             stored = self.vectors[layer, local[start: start + chunk]].float()
             out.addmm_(select[:, start: start + chunk], F.normalize(stored, dim=-1, eps=_NORM_EPS))
-        return out
 
     # ----------------------------------------------------------------------------- state
 
