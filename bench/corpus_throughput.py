@@ -6,7 +6,7 @@ Text: the WikiText-2 files in ../shared/data/wikitext-2 (raw test split and the 
 valid and test splits, ``--copies`` times each). Two measurements, each with 1 and 2 worker
 processes, interleaved in every repeat (median of repeats):
 
-- ``pipeline``: ``lrcbert.corpus_prepare.prepare_corpus`` end to end (document reading,
+- ``pipeline``: ``lrcbert.data.corpus_build.prepare_corpus`` end to end (document reading,
   WikiText clean-up, sentence splitting, batched tokenization, packing, .npy shards with
   checksums, manifest), wall time of the whole call;
 - ``bare``: the same files' lines through the tokenizer's Rust backend
@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from multiprocessing import get_context  # noqa: E402
 
 from bench.common import SHARED_DATA, Report, base_parser, offline_teacher_dir, plot_bars  # noqa: E402
-from lrcbert.corpus_prepare import CorpusConfig, prepare_corpus  # noqa: E402
+from lrcbert.data.corpus_build import CorpusConfig, prepare_corpus  # noqa: E402
 
 GOAL_OF_BARE = 0.8
 FILES = ("wiki.test.raw", "wiki.valid.tokens", "wiki.test.tokens")

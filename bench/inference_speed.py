@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bench.common import SHARED_DATA, Report, base_parser, median_ms, offline_teacher_dir, plot_bars  # noqa: E402
-from lrcbert import glue_tasks  # noqa: E402
+from lrcbert.data import glue  # noqa: E402
 from lrcbert.inference import load_classifier_for_inference, predict_encoded  # noqa: E402
 from lrcbert.models import StudentShape, count_parameters, student_config, with_labels  # noqa: E402
 
@@ -88,8 +88,8 @@ def settings_for(args, tokenizer) -> list[dict]:
     seq, big = (16, 2) if args.quick else (128, 32)
     gen = torch.Generator().manual_seed(0)
     fixed = lambda n: torch.randint(1000, 29000, (n, seq), generator=gen).tolist()  # noqa: E731
-    task = glue_tasks.get_task("sst2")
-    dev = glue_tasks.read_split(task, SHARED_DATA / "GLUE" / "SST-2", "dev")
+    task = glue.get_task("sst2")
+    dev = glue.read_split(task, SHARED_DATA / "GLUE" / "SST-2", "dev")
     n = 8 if args.quick else args.sst2_samples
     real = tokenizer(dev.text_a[:n], truncation=True, max_length=128)["input_ids"]
     return [{"name": f"seq{seq}_batch{big}", "rows": fixed(big), "batch_size": big},

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import free_port  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
-from lrcbert.glue_tasks import get_task  # noqa: E402
+from lrcbert.data.glue import get_task  # noqa: E402
 
 # name -> (description, glue.py flags). Stage 1 of the schedule trains the intermediate loss
 # alone (weights 1:0:0), so the variants without an intermediate loss run stage 2's weights

@@ -34,9 +34,9 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig  # noqa: E402
 
 from bench.common import SHARED_DATA, Report, base_parser, offline_teacher_dir, plot_bars  # noqa: E402
-from lrcbert import glue_tasks  # noqa: E402
+from lrcbert.data import glue as glue_tasks  # noqa: E402
 from lrcbert.bank import MemoryBank  # noqa: E402
-from lrcbert.batches import collate, encode  # noqa: E402
+from lrcbert.data.batches import collate, encode  # noqa: E402
 from lrcbert.distill import LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.engine import build_optimizer  # noqa: E402
 from lrcbert.layer_map import uniform_layer_map  # noqa: E402

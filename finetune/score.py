@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from lrcbert import glue_tasks  # noqa: E402
+from lrcbert.data import glue, glue_metrics  # noqa: E402
 from lrcbert.config import parse_args  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.inference import load_classifier_for_inference, predict_logits  # noqa: E402
@@ -39,19 +39,19 @@ class ScoreArgs:
 
 
 def score(args: ScoreArgs) -> dict[str, dict[str, float]]:
-    task = glue_tasks.get_task(args.task)
+    task = glue.get_task(args.task)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"--model {args.model} is not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = load_classifier_for_inference(args.model)
     results = {}
     for split in task.dev_splits:
-        ex = glue_tasks.read_split(task, args.data_dir, split)
+        ex = glue.read_split(task, args.data_dir, split)
         n = len(ex) if args.max_eval_samples <= 0 else min(len(ex), args.max_eval_samples)
         logits = predict_logits(model, tokenizer, ex.text_a[:n], ex.text_b[:n] if ex.text_b else None,
                                 args.max_seq_length, args.batch_size)
         preds = logits.reshape(-1).numpy() if task.is_regression else logits.argmax(-1).numpy()
-        results[split] = glue_tasks.compute_metrics(task, preds, np.asarray(ex.labels[:n]))
+        results[split] = glue_metrics.compute_metrics(task, preds, np.asarray(ex.labels[:n]))
     return results
 
 

@@ -6,7 +6,8 @@
         --tokenizer TEACHER_DIR --output_dir corpus/ --num_workers 32
 
 Rerun the same command after an interruption: finished shards are kept. What the corpus
-holds and how it is cut is documented in lrcbert/corpus_prepare.py.
+holds and how it is cut is documented in lrcbert/data/corpus_build.py (the files in
+lrcbert/data/corpus_format.py, documents and sentences in lrcbert/data/text.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lrcbert.config import parse_args  # noqa: E402
-from lrcbert.corpus_prepare import CorpusConfig, prepare_corpus  # noqa: E402  no torch: spawned workers re-import this script
+from lrcbert.data.corpus_build import CorpusConfig, prepare_corpus  # noqa: E402  no torch: spawned workers re-import this script
 from lrcbert.errors import UserError  # noqa: E402
 
 

@@ -53,7 +53,7 @@ def make_tiny_sst2_teacher(path: Path, tokenizer_dir: str | None = None) -> Path
 
 def make_wiki_corpus(root: Path, lines: int, seq: int, tokenizer: str) -> Path:
     """A corpus (``prepare_corpus``) of the first ``lines`` lines of WikiText-2's raw test file."""
-    from lrcbert.corpus import CorpusConfig, prepare_corpus
+    from lrcbert.data.corpus_build import CorpusConfig, prepare_corpus
 
     with open(SHARED_DATA / "wikitext-2" / "wiki.test.raw", "rb") as f:
         (root / "slice.raw").write_bytes(b"".join(line for _, line in zip(range(lines), f)))

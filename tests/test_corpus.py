@@ -15,18 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrcbert import corpus_prepare
-from lrcbert.corpus import (
-    CorpusConfig,
-    CorpusDataset,
-    RankBatches,
-    check_compatible,
-    iter_documents,
-    pack_document,
-    prepare_corpus,
-    special_token_ids,
-    split_sentences,
-)
+from lrcbert.data import corpus_build
+from lrcbert.data.corpus import CorpusDataset, RankBatches, check_compatible
+from lrcbert.data.corpus_build import CorpusConfig, pack_document, prepare_corpus
+from lrcbert.data.corpus_format import special_token_ids
+from lrcbert.data.text import iter_documents, split_sentences
 from lrcbert.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +157,7 @@ def test_deterministic_for_any_worker_count(raw_file, reference, tmp_path):
 
 def test_restart_keeps_finished_shards(raw_file, reference, tmp_path, monkeypatch):
     out = tmp_path / "corpus"
-    real_run_shard = corpus_prepare._run_shard
+    real_run_shard = corpus_build._run_shard
     calls = []
 
     def crash_after_two(index, docs):
@@ -173,7 +166,7 @@ def test_restart_keeps_finished_shards(raw_file, reference, tmp_path, monkeypatc
         calls.append(index)
         return real_run_shard(index, docs)
 
-    monkeypatch.setattr(corpus_prepare, "_run_shard", crash_after_two)
+    monkeypatch.setattr(corpus_build, "_run_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         build(out, raw_file)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -192,7 +185,7 @@ def test_restart_keeps_finished_shards(raw_file, reference, tmp_path, monkeypatc
     finished.pop(out / "shard_00001.offsets.npy")
 
     calls.clear()
-    monkeypatch.setattr(corpus_prepare, "_run_shard", lambda index, docs: calls.append(index) or real_run_shard(index, docs))
+    monkeypatch.setattr(corpus_build, "_run_shard", lambda index, docs: calls.append(index) or real_run_shard(index, docs))
     report = build(out, raw_file)
     total = report.manifest["num_shards"]
     assert calls == list(range(1, total)) and report.shards_kept == 1 and report.shards_written == total - 1
@@ -259,7 +252,7 @@ def test_hub_rows_are_documents(bert, tmp_path, monkeypatch):
     rows = [{"text": "Title one\n\nFirst paragraph. Second sentence.\nAnother paragraph.\n"},
             {"text": "Second article."}, {"text": "Never read."}]
     opened = []
-    monkeypatch.setattr(corpus_prepare, "open_hub_dataset", lambda *args: opened.append(args) or iter(rows))
+    monkeypatch.setattr(corpus_build, "open_hub_dataset", lambda *args: opened.append(args) or iter(rows))
     report = build(tmp_path / "hub", "", hub="wikimedia/wikipedia", hub_config="20231101.en",
                    max_documents=2, max_seq_length=128)
     assert opened == [("wikimedia/wikipedia", "20231101.en", "train")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lrcbert import glue_tasks
+from lrcbert.data import glue, glue_metrics
 from tests.helpers import GLUE, launch, make_tiny_encoder, offline_teacher_dir, read_scalars, tail
 
 pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason=f"shared GLUE data not found at {GLUE}")
@@ -26,8 +26,8 @@ def glue_args(task, folder, out, teacher, *extra, train=256, dev=96, test=24):
 
 def rescore_with_transformers(model_dir, task, folder, dev):
     """Score the exported model on dev with plain transformers (no project code in the loop)."""
-    task = glue_tasks.get_task(task)
-    ex = glue_tasks.read_split(task, GLUE / folder, task.dev_splits[0])
+    task = glue.get_task(task)
+    ex = glue.read_split(task, GLUE / folder, task.dev_splits[0])
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     enc = tok(ex.text_a[:dev], ex.text_b[:dev] if ex.text_b else None, truncation=True, max_length=64,
@@ -35,7 +35,7 @@ def rescore_with_transformers(model_dir, task, folder, dev):
     with torch.no_grad():
         logits = model(**enc).logits
     preds = logits.reshape(-1).numpy() if task.is_regression else logits.argmax(-1).numpy()
-    return glue_tasks.compute_metrics(task, preds, np.asarray(ex.labels[:dev]))
+    return glue_metrics.compute_metrics(task, preds, np.asarray(ex.labels[:dev]))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_pair_and_regression_tasks(tmp_path, task, folder):
     proc = launch("finetune/glue.py", glue_args(task, folder, out, teacher / "model", "--max_steps", "6",
                                                 "--teacher_gate", "false", *SMALL_STUDENT), num_ranks=1)
     assert proc.returncode == 0, tail(proc)
-    spec = glue_tasks.get_task(task)
+    spec = glue.get_task(task)
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["dev"]) == set(spec.metrics)
     assert rescore_with_transformers(out / "model", task, folder, 96) == pytest.approx(results["dev"], abs=1e-5)

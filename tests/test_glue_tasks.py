@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from lrcbert import glue_tasks as gt
+from lrcbert.data import glue as gt
+from lrcbert.data import glue_metrics as gm
 from lrcbert.errors import UserError
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "GLUE"
@@ -261,15 +262,15 @@ def test_missing_empty_and_header_only_files(tmp_path):
 
 def test_metrics_hand_computed():
     labels, preds = [1, 1, 1, 0], [1, 1, 0, 0]
-    assert gt.compute_metrics(gt.TASKS["sst2"], preds, labels) == {"accuracy": 0.75}
-    mrpc = gt.compute_metrics(gt.TASKS["mrpc"], preds, labels)
+    assert gm.compute_metrics(gt.TASKS["sst2"], preds, labels) == {"accuracy": 0.75}
+    mrpc = gm.compute_metrics(gt.TASKS["mrpc"], preds, labels)
     assert list(mrpc) == ["f1", "accuracy"]  # primary first
     assert mrpc["f1"] == pytest.approx(0.8) and mrpc["accuracy"] == 0.75
-    mcc = gt.compute_metrics(gt.TASKS["cola"], preds, labels)["matthews_correlation"]
+    mcc = gm.compute_metrics(gt.TASKS["cola"], preds, labels)["matthews_correlation"]
     assert mcc == pytest.approx(2 / np.sqrt(12))
-    stsb = gt.compute_metrics(gt.TASKS["stsb"], [1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    stsb = gm.compute_metrics(gt.TASKS["stsb"], [1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
     assert stsb["pearson"] == pytest.approx(0.5) and stsb["spearmanr"] == pytest.approx(0.5)
-    stsb = gt.compute_metrics(gt.TASKS["stsb"], [1.0, 2.0, 3.0], [3.0, 1.0, 2.0])
+    stsb = gm.compute_metrics(gt.TASKS["stsb"], [1.0, 2.0, 3.0], [3.0, 1.0, 2.0])
     assert stsb["spearmanr"] == pytest.approx(-0.5)
 
 
@@ -288,7 +289,7 @@ def test_metrics_match_sklearn_scipy_on_real_dev(glue_name):
                         rng.integers(0, task.num_labels, gold.shape))
         expected = {"accuracy": accuracy_score(gold, pred), "f1": f1_score(gold, pred),
                     "matthews_correlation": matthews_corrcoef(gold, pred)}
-    got = gt.compute_metrics(task, pred.tolist(), gold.tolist())
+    got = gm.compute_metrics(task, pred.tolist(), gold.tolist())
     assert list(got) == list(task.metrics)
     for name, value in got.items():
         assert isinstance(value, float)
@@ -299,35 +300,35 @@ def test_metrics_match_sklearn_scipy_on_real_dev(glue_name):
 def test_degenerate_inputs_give_zero_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stsb = gt.compute_metrics(gt.TASKS["stsb"], [2.5, 2.5, 2.5], [1.0, 2.0, 4.0])
+        stsb = gm.compute_metrics(gt.TASKS["stsb"], [2.5, 2.5, 2.5], [1.0, 2.0, 4.0])
         assert stsb == {"pearson": 0.0, "spearmanr": 0.0}
-        assert gt.compute_metrics(gt.TASKS["cola"], [1, 1, 1], [1, 1, 1]) == {
+        assert gm.compute_metrics(gt.TASKS["cola"], [1, 1, 1], [1, 1, 1]) == {
             "matthews_correlation": 0.0}
-        assert gt.compute_metrics(gt.TASKS["cola"], [1, 1, 1], [0, 1, 1]) == {
+        assert gm.compute_metrics(gt.TASKS["cola"], [1, 1, 1], [0, 1, 1]) == {
             "matthews_correlation": 0.0}
-        assert gt.compute_metrics(gt.TASKS["qqp"], [0, 0, 0], [0, 1, 1])["f1"] == 0.0
-        assert gt.compute_metrics(gt.TASKS["qqp"], [0, 0], [0, 0])["f1"] == 0.0
+        assert gm.compute_metrics(gt.TASKS["qqp"], [0, 0, 0], [0, 1, 1])["f1"] == 0.0
+        assert gm.compute_metrics(gt.TASKS["qqp"], [0, 0], [0, 0])["f1"] == 0.0
     with pytest.raises(ValueError):
-        gt.compute_metrics(gt.TASKS["rte"], [0, 2], [0, 1])  # class id out of range
+        gm.compute_metrics(gt.TASKS["rte"], [0, 2], [0, 1])  # class id out of range
     with pytest.raises(ValueError):
-        gt.compute_metrics(gt.TASKS["rte"], [0], [0, 1])
+        gm.compute_metrics(gt.TASKS["rte"], [0], [0, 1])
 
 
 def test_chance_score():
-    assert gt.chance_score(gt.TASKS["mnli"], [0, 1, 1, 2, 1]) == pytest.approx(0.6)
+    assert gm.chance_score(gt.TASKS["mnli"], [0, 1, 1, 2, 1]) == pytest.approx(0.6)
     # best constant for F1: always predict the positive class, F1 = 2p / (1 + p)
-    assert gt.chance_score(gt.TASKS["mrpc"], [1, 1, 0, 0, 0]) == pytest.approx(0.8 / 1.4)
-    assert gt.chance_score(gt.TASKS["cola"], [1, 1, 0]) == 0.0
-    assert gt.chance_score(gt.TASKS["stsb"], [0.5, 3.0, 4.0]) == 0.0
+    assert gm.chance_score(gt.TASKS["mrpc"], [1, 1, 0, 0, 0]) == pytest.approx(0.8 / 1.4)
+    assert gm.chance_score(gt.TASKS["cola"], [1, 1, 0]) == 0.0
+    assert gm.chance_score(gt.TASKS["stsb"], [0.5, 3.0, 4.0]) == 0.0
 
 
 @needs_glue
 def test_chance_score_on_real_dev():
     sst2 = gt.read_split(gt.TASKS["sst2"], GLUE_DIR, "dev").labels
-    assert gt.chance_score(gt.TASKS["sst2"], sst2) == pytest.approx(444 / 872)
+    assert gm.chance_score(gt.TASKS["sst2"], sst2) == pytest.approx(444 / 872)
     mrpc = gt.read_split(gt.TASKS["mrpc"], GLUE_DIR, "dev").labels
     p = sum(mrpc) / len(mrpc)  # 279 / 408 equivalent
-    assert gt.chance_score(gt.TASKS["mrpc"], mrpc) == pytest.approx(2 * p / (1 + p))
+    assert gm.chance_score(gt.TASKS["mrpc"], mrpc) == pytest.approx(2 * p / (1 + p))
 
 
 # ----------------------------------------------------------------------------- submissions
@@ -335,27 +336,27 @@ def test_chance_score_on_real_dev():
 
 def test_submission_round_trip(tmp_path):
     mnli = gt.TASKS["mnli"]
-    path = gt.write_submission(mnli, "test_matched", [0, 1, 2], [0, 1, 2], tmp_path / "sub")
+    path = gm.write_submission(mnli, "test_matched", [0, 1, 2], [0, 1, 2], tmp_path / "sub")
     assert path == tmp_path / "sub" / "MNLI-m.tsv"
     assert path.read_text() == ("index\tprediction\n0\tentailment\n1\tneutral\n"
                                 "2\tcontradiction\n")
-    assert gt.read_submission(mnli, path) == ([0, 1, 2], [0, 1, 2])
-    assert gt.write_submission(mnli, "diagnostic", [0], [1], tmp_path).name == "AX.tsv"
+    assert gm.read_submission(mnli, path) == ([0, 1, 2], [0, 1, 2])
+    assert gm.write_submission(mnli, "diagnostic", [0], [1], tmp_path).name == "AX.tsv"
 
-    rte = gt.write_submission(gt.TASKS["rte"], "test", [5, 6], np.array([1, 0]), tmp_path)
+    rte = gm.write_submission(gt.TASKS["rte"], "test", [5, 6], np.array([1, 0]), tmp_path)
     assert rte.read_text().splitlines()[1:] == ["5\tnot_entailment", "6\tentailment"]
-    cola = gt.write_submission(gt.TASKS["cola"], "test", [0, 1], [1, 0], tmp_path)
+    cola = gm.write_submission(gt.TASKS["cola"], "test", [0, 1], [1, 0], tmp_path)
     assert cola.name == "CoLA.tsv" and cola.read_text().splitlines()[1:] == ["0\t1", "1\t0"]
 
-    stsb = gt.write_submission(gt.TASKS["stsb"], "test", [0, 1, 2], [-0.3, 2.71828, 5.6],
+    stsb = gm.write_submission(gt.TASKS["stsb"], "test", [0, 1, 2], [-0.3, 2.71828, 5.6],
                                tmp_path)
     assert stsb.read_text() == "index\tprediction\n0\t0.000\n1\t2.718\n2\t5.000\n"
-    assert gt.read_submission(gt.TASKS["stsb"], stsb) == ([0, 1, 2], [0.0, 2.718, 5.0])
+    assert gm.read_submission(gt.TASKS["stsb"], stsb) == ([0, 1, 2], [0.0, 2.718, 5.0])
 
     with pytest.raises(UserError, match="test_matched, test_mismatched, diagnostic"):
-        gt.write_submission(mnli, "test", [0], [0], tmp_path)
+        gm.write_submission(mnli, "test", [0], [0], tmp_path)
     with pytest.raises(ValueError):
-        gt.write_submission(gt.TASKS["sst2"], "test", [0, 1], [0, 2], tmp_path)
+        gm.write_submission(gt.TASKS["sst2"], "test", [0, 1], [0, 2], tmp_path)
 
 
 @needs_glue
@@ -363,9 +364,9 @@ def test_submission_for_real_test_file(tmp_path):
     task = gt.TASKS["sst2"]
     test = gt.read_split(task, GLUE_DIR, "test")
     preds = np.random.default_rng(0).integers(0, 2, len(test)).tolist()
-    path = gt.write_submission(task, "test", test.index, preds, tmp_path)
+    path = gm.write_submission(task, "test", test.index, preds, tmp_path)
     assert path.name == "SST-2.tsv"
-    assert gt.read_submission(task, path) == (test.index, preds)
+    assert gm.read_submission(task, path) == (test.index, preds)
 
 
 # ----------------------------------------------------------------------------- hub (faked)

@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from lrcbert import losses
-from lrcbert.batches import Encoded, TrainOrder, collate, eval_shard
+from lrcbert.data.batches import Encoded, TrainOrder, collate, eval_shard
 from lrcbert.config import parse_args
 from lrcbert.distill import LRCObjective, ObjectiveConfig
 from lrcbert.errors import UserError

@@ -1,16 +1,8 @@
-"""The tokenized general-distillation corpus: memory-mapped shards, manifest, rank-sliced batches.
+"""Reading the general-distillation corpus: memory-mapped shards, checked against the manifest,
+and this rank's micro-batches of them.
 
-On disk (written by ``prepare_corpus``, see ``lrcbert/corpus_prepare.py``)::
-
-    manifest.json              format version, tokenizer identity, max_seq_length, special ids,
-                               inputs and options, counts, per-shard sizes and sha256
-    shard_00000.tokens.npy     flat uint16 (uint32 for vocabularies over 65,536) token ids
-    shard_00000.offsets.npy    int64, num_sequences + 1; sequence i is tokens[o[i]:o[i + 1]]
-
-Every stored sequence is what the model sees: special tokens included ([CLS] ... [SEP]),
-at most ``max_seq_length`` tokens.
-
-Reading for training::
+The files are described in ``corpus_format.py`` (this module does not import the builder,
+``corpus_build.py``). Reading for training::
 
     data = CorpusDataset(args.corpus)                 # sizes checked; checksums on request
     check_compatible(data.manifest, tokenizer, args.max_seq_length)
@@ -21,50 +13,14 @@ Reading for training::
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 
-from lrcbert.batches import TrainOrder
-from lrcbert.corpus_prepare import (  # noqa: F401 - re-exported: lrcbert.corpus is the public entry
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    CorpusConfig,
-    PrepareReport,
-    file_sha256,
-    iter_documents,
-    pack_document,
-    prepare_corpus,
-    special_token_ids,
-    split_sentences,
-    tokenizer_identity,
-)
+from lrcbert.data.batches import TrainOrder
+from lrcbert.data.corpus_format import file_sha256, read_manifest, special_token_ids, tokenizer_identity
 from lrcbert.errors import UserError
-
-
-def read_manifest(path: str) -> dict:
-    """The manifest of the corpus directory ``path``, or UserError (missing, unreadable,
-    another format or version, or an unfinished build)."""
-    manifest_path = os.path.join(path, MANIFEST_NAME)
-    if not os.path.isfile(manifest_path):
-        raise UserError(f"no {MANIFEST_NAME} in corpus directory {path}; build it with pretrain/prepare_corpus.py")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {manifest_path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise UserError(f"{manifest_path} is not an lrcbert corpus manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{manifest_path} has format version {manifest.get('format_version')}, this code reads "
-                        f"version {FORMAT_VERSION}; rebuild the corpus")
-    if not manifest.get("complete"):
-        raise UserError(f"corpus {path} is incomplete (an interrupted build); rerun pretrain/prepare_corpus.py "
-                        "with the same flags to finish it")
-    return manifest
 
 
 class CorpusDataset:

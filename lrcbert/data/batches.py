@@ -93,7 +93,6 @@ class TrainOrder:
         return self._perm[start:start + self.micro_batch_size]
 
 
-
 def eval_shard(num_examples: int, micro_batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
     """This rank's eval micro-batches: rows rank, rank + world, ...; every rank gets the same
     number of batches (the last rows repeat; callers drop duplicates by row), so ZeRO-3's

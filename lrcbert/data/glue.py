@@ -1,7 +1,8 @@
-"""The GLUE task table, readers for the original TSV files and the hub, metrics, leaderboard files.
+"""The GLUE task table and the readers of its data: the original TSV files and the hub.
 
-Task differences are data: one frozen :class:`TaskSpec` per task in ``TASKS``; the readers,
-metrics and submission writer look everything up there (no per-task branches).
+Task differences are data: one frozen :class:`TaskSpec` per task in ``TASKS``; the readers
+(and the metrics and submission files of ``glue_metrics.py``) look everything up there, with
+no per-task branches.
 
 Split names are the GLUE file stems: ``train``, ``dev``, ``test``; MNLI has ``dev_matched``,
 ``dev_mismatched``, ``test_matched``, ``test_mismatched`` and ``diagnostic`` (the AX set,
@@ -15,9 +16,6 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 
 from lrcbert.errors import UserError
 
@@ -101,33 +99,73 @@ _PAIR = ("sentence1", "sentence2")
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("cola", "CoLA", ("sentence",), "label", _BINARY, ("unacceptable", "acceptable"),
-                 ("matthews_correlation",), ("dev",), (("test", "CoLA.tsv"),),
-                 "cola", ("sentence",), 8_551,
-                 headerless_columns=("source", "label", "original_label", "sentence")),
-        TaskSpec("sst2", "SST-2", ("sentence",), "label", _BINARY, ("negative", "positive"),
-                 ("accuracy",), ("dev",), (("test", "SST-2.tsv"),),
-                 "sst2", ("sentence",), 67_349),
-        TaskSpec("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", _BINARY,
-                 ("not_equivalent", "equivalent"), ("f1", "accuracy"), ("dev",),
-                 (("test", "MRPC.tsv"),), "mrpc", _PAIR, 3_668),
-        TaskSpec("qqp", "QQP", ("question1", "question2"), "is_duplicate", _BINARY,
-                 ("not_duplicate", "duplicate"), ("f1", "accuracy"), ("dev",),
-                 (("test", "QQP.tsv"),), "qqp", ("question1", "question2"), 363_846),
-        TaskSpec("stsb", "STS-B", _PAIR, "score", None, None, ("pearson", "spearmanr"), ("dev",),
-                 (("test", "STS-B.tsv"),), "stsb", _PAIR, 5_749),
-        TaskSpec("mnli", "MNLI", _PAIR, "gold_label", _MNLI, _MNLI, ("accuracy",),
-                 ("dev_matched", "dev_mismatched"),
-                 (("test_matched", "MNLI-m.tsv"), ("test_mismatched", "MNLI-mm.tsv"),
-                  ("diagnostic", "AX.tsv")),
-                 "mnli", ("premise", "hypothesis"), 392_702),
-        TaskSpec("qnli", "QNLI", ("question", "sentence"), "label", _NLI, _NLI, ("accuracy",),
-                 ("dev",), (("test", "QNLI.tsv"),), "qnli", ("question", "sentence"), 104_743),
-        TaskSpec("rte", "RTE", _PAIR, "label", _NLI, _NLI, ("accuracy",), ("dev",),
-                 (("test", "RTE.tsv"),), "rte", _PAIR, 2_490),
-        # WNLI's TSV labels are 0/1 with 1 = entailment, hence the reversed class names
-        TaskSpec("wnli", "WNLI", _PAIR, "label", _BINARY, ("not_entailment", "entailment"),
-                 ("accuracy",), ("dev",), (("test", "WNLI.tsv"),), "wnli", _PAIR, 635),
+        TaskSpec(
+            name="cola", glue_name="CoLA", hub_subset="cola", train_size=8_551,
+            text_columns=("sentence",), hub_text_columns=("sentence",),
+            label_column="label", label_strings=_BINARY, label_names=("unacceptable", "acceptable"),
+            metrics=("matthews_correlation",),
+            dev_splits=("dev",), test_splits=(("test", "CoLA.tsv"),),
+            headerless_columns=("source", "label", "original_label", "sentence"),
+        ),
+        TaskSpec(
+            name="sst2", glue_name="SST-2", hub_subset="sst2", train_size=67_349,
+            text_columns=("sentence",), hub_text_columns=("sentence",),
+            label_column="label", label_strings=_BINARY, label_names=("negative", "positive"),
+            metrics=("accuracy",),
+            dev_splits=("dev",), test_splits=(("test", "SST-2.tsv"),),
+        ),
+        TaskSpec(
+            name="mrpc", glue_name="MRPC", hub_subset="mrpc", train_size=3_668,
+            text_columns=("#1 String", "#2 String"), hub_text_columns=_PAIR,
+            label_column="Quality", label_strings=_BINARY, label_names=("not_equivalent", "equivalent"),
+            metrics=("f1", "accuracy"),
+            dev_splits=("dev",), test_splits=(("test", "MRPC.tsv"),),
+        ),
+        TaskSpec(
+            name="qqp", glue_name="QQP", hub_subset="qqp", train_size=363_846,
+            text_columns=("question1", "question2"), hub_text_columns=("question1", "question2"),
+            label_column="is_duplicate", label_strings=_BINARY, label_names=("not_duplicate", "duplicate"),
+            metrics=("f1", "accuracy"),
+            dev_splits=("dev",), test_splits=(("test", "QQP.tsv"),),
+        ),
+        TaskSpec(
+            name="stsb", glue_name="STS-B", hub_subset="stsb", train_size=5_749,
+            text_columns=_PAIR, hub_text_columns=_PAIR,
+            label_column="score", label_strings=None, label_names=None,
+            metrics=("pearson", "spearmanr"),
+            dev_splits=("dev",), test_splits=(("test", "STS-B.tsv"),),
+        ),
+        TaskSpec(
+            name="mnli", glue_name="MNLI", hub_subset="mnli", train_size=392_702,
+            text_columns=_PAIR, hub_text_columns=("premise", "hypothesis"),
+            label_column="gold_label", label_strings=_MNLI, label_names=_MNLI,
+            metrics=("accuracy",),
+            dev_splits=("dev_matched", "dev_mismatched"),
+            test_splits=(("test_matched", "MNLI-m.tsv"), ("test_mismatched", "MNLI-mm.tsv"),
+                         ("diagnostic", "AX.tsv")),
+        ),
+        TaskSpec(
+            name="qnli", glue_name="QNLI", hub_subset="qnli", train_size=104_743,
+            text_columns=("question", "sentence"), hub_text_columns=("question", "sentence"),
+            label_column="label", label_strings=_NLI, label_names=_NLI,
+            metrics=("accuracy",),
+            dev_splits=("dev",), test_splits=(("test", "QNLI.tsv"),),
+        ),
+        TaskSpec(
+            name="rte", glue_name="RTE", hub_subset="rte", train_size=2_490,
+            text_columns=_PAIR, hub_text_columns=_PAIR,
+            label_column="label", label_strings=_NLI, label_names=_NLI,
+            metrics=("accuracy",),
+            dev_splits=("dev",), test_splits=(("test", "RTE.tsv"),),
+        ),
+        TaskSpec(
+            name="wnli", glue_name="WNLI", hub_subset="wnli", train_size=635,
+            text_columns=_PAIR, hub_text_columns=_PAIR,
+            # WNLI's TSV labels are 0/1 with 1 = entailment, hence the reversed class names
+            label_column="label", label_strings=_BINARY, label_names=("not_entailment", "entailment"),
+            metrics=("accuracy",),
+            dev_splits=("dev",), test_splits=(("test", "WNLI.tsv"),),
+        ),
     )
 }
 
@@ -167,6 +205,27 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.text_a)
+
+    def head(self, limit: int) -> Examples:
+        """The first ``limit`` examples (all of them when ``limit`` is not below the length)."""
+        if limit >= len(self):
+            return self
+        return Examples(
+            text_a=self.text_a[:limit],
+            text_b=self.text_b[:limit] if self.text_b is not None else None,
+            labels=self.labels[:limit] if self.labels is not None else None,
+            index=self.index[:limit],
+        )
+
+
+def load_examples(task: TaskSpec | str, data_dir: str | Path | None, split: str, limit: int = 0) -> Examples:
+    """One split of ``task``: from the TSV files under ``data_dir``, or from the hub when
+    ``data_dir`` is None or empty. ``limit > 0`` keeps the first ``limit`` rows."""
+    ex = read_split(task, data_dir, split) if data_dir else load_hub_split(task, split)
+    return ex.head(limit) if limit > 0 else ex
+
+
+# ----------------------------------------------------------------------------- TSV files
 
 
 def _check_split(task: TaskSpec, split: str) -> None:
@@ -209,7 +268,8 @@ def available_splits(task: TaskSpec | str, data_dir: str | Path) -> list[str]:
     ]
 
 
-def _parse_label(task: TaskSpec, value: str, where: str) -> int | float:
+def parse_label(task: TaskSpec, value: str, where: str) -> int | float:
+    """A TSV label string as a class id (or a finite float for STS-B); UserError naming ``where``."""
     if task.label_strings is None:
         try:
             score = float(value)
@@ -273,7 +333,7 @@ def read_split(task: TaskSpec | str, data_dir: str | Path, split: str) -> Exampl
         for column, out in zip(text_cols, texts):
             out.append(fields[column])
         if label_col is not None:
-            labels.append(_parse_label(task, fields[label_col], where))
+            labels.append(parse_label(task, fields[label_col], where))
         if index_col is None:
             index.append(row_number)
         else:
@@ -289,6 +349,9 @@ def read_split(task: TaskSpec | str, data_dir: str | Path, split: str) -> Exampl
         labels=labels if labelled else None,
         index=index,
     )
+
+
+# ----------------------------------------------------------------------------- the hub
 
 
 def load_hub_split(task: TaskSpec | str, split: str, cache_dir: str | None = None) -> Examples:
@@ -331,155 +394,3 @@ def load_hub_split(task: TaskSpec | str, split: str, cache_dir: str | None = Non
         labels=labels,
         index=[int(i) for i in index],
     )
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def _as_class_ids(task: TaskSpec, values: Sequence, what: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"{what} must be 1-D class ids, got shape {array.shape}")
-    ids = array.astype(np.int64)
-    if np.any(ids != array) or np.any(ids < 0) or np.any(ids >= task.num_labels):
-        raise ValueError(f"{what} must be class ids in [0, {task.num_labels})")
-    return ids
-
-
-def _is_constant(x: np.ndarray) -> bool:
-    return len(x) < 2 or bool(np.all(x == x[0]))
-
-
-def _accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
-    from sklearn.metrics import accuracy_score
-
-    return float(accuracy_score(gold, pred))
-
-
-def _f1(pred: np.ndarray, gold: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
-
-    # F1 of the positive class (1 = equivalent / duplicate), as GLUE reports it
-    return float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0.0))
-
-
-def _matthews(pred: np.ndarray, gold: np.ndarray) -> float:
-    from sklearn.metrics import matthews_corrcoef
-
-    if _is_constant(np.concatenate([pred, gold])):
-        return 0.0  # one class everywhere: sklearn warns and returns 0
-    return float(matthews_corrcoef(gold, pred))
-
-
-def _pearson(pred: np.ndarray, gold: np.ndarray) -> float:
-    from scipy.stats import pearsonr
-
-    if _is_constant(pred) or _is_constant(gold):
-        return 0.0  # undefined (scipy warns, returns NaN); a constant predictor scores 0
-    return float(pearsonr(pred, gold)[0])
-
-
-def _spearman(pred: np.ndarray, gold: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if _is_constant(pred) or _is_constant(gold):
-        return 0.0
-    return float(spearmanr(pred, gold)[0])
-
-
-METRIC_FUNCTIONS = {
-    "accuracy": _accuracy,
-    "f1": _f1,
-    "matthews_correlation": _matthews,
-    "pearson": _pearson,
-    "spearmanr": _spearman,
-}
-
-
-def compute_metrics(
-    task: TaskSpec | str, predictions: Sequence, labels: Sequence
-) -> dict[str, float]:
-    """The task's official metrics, primary first. ``predictions``: class ids (or floats for
-    STS-B), one per label. Degenerate inputs (constant predictions) score 0.0, never NaN."""
-    task = get_task(task)
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    if len(labels) == 0:
-        raise ValueError("no labels to score")
-    if task.is_regression:
-        pred = np.asarray(predictions, dtype=np.float64).reshape(-1)
-        gold = np.asarray(labels, dtype=np.float64).reshape(-1)
-    else:
-        pred = _as_class_ids(task, predictions, "predictions")
-        gold = _as_class_ids(task, labels, "labels")
-    return {name: METRIC_FUNCTIONS[name](pred, gold) for name in task.metrics}
-
-
-def chance_score(task: TaskSpec | str, labels: Sequence) -> float:
-    """The primary metric of the best constant prediction on ``labels``: majority-class
-    accuracy; F1 of always predicting the positive class; 0.0 for MCC and correlations.
-    A teacher scoring no better than this has learned nothing."""
-    task = get_task(task)
-    n = len(labels)
-    if n == 0:
-        raise ValueError("no labels to score")
-    if task.is_regression:
-        constants = [float(np.mean(np.asarray(labels, dtype=np.float64)))]
-    else:
-        constants = range(task.num_labels)
-    return max(compute_metrics(task, [c] * n, labels)[task.primary_metric] for c in constants)
-
-
-# ----------------------------------------------------------------------------- submissions
-
-
-def format_prediction(task: TaskSpec, prediction: int | float) -> str:
-    """One prediction as the GLUE server reads it: the TSV label string (0/1 or
-    entailment/...), or for STS-B a score clipped to [0, 5] with 3 decimals."""
-    if task.label_strings is None:
-        score = float(prediction)
-        if not math.isfinite(score):
-            raise ValueError(f"STS-B prediction {prediction!r} is not finite")
-        return f"{min(max(score, 0.0), 5.0):.3f}"
-    class_id = int(prediction)
-    if class_id != prediction or not 0 <= class_id < task.num_labels:
-        raise ValueError(f"prediction {prediction!r} is not a class id of {task.glue_name}")
-    return task.label_strings[class_id]
-
-
-def write_submission(
-    task: TaskSpec | str,
-    split: str,
-    indices: Sequence[int],
-    predictions: Sequence,
-    out_dir: str | Path,
-) -> Path:
-    """Write the leaderboard file for a test split (e.g. MNLI-m.tsv) into ``out_dir``:
-    header ``index<TAB>prediction``, one row per example. Call on rank 0 only."""
-    task = get_task(task)
-    file_name = task.submission_file(split)
-    if len(indices) != len(predictions):
-        raise ValueError(f"{len(indices)} indices for {len(predictions)} predictions")
-    rows = [f"{int(i)}\t{format_prediction(task, p)}\n" for i, p in zip(indices, predictions)]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / file_name
-    path.write_text("index\tprediction\n" + "".join(rows), encoding="utf-8")
-    return path
-
-
-def read_submission(task: TaskSpec | str, path: str | Path) -> tuple[list[int], list]:
-    """Read a leaderboard file back: (indices, class ids or floats)."""
-    task = get_task(task)
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or lines[0] != "index\tprediction":
-        raise UserError(f"{path}:1: expected header 'index<TAB>prediction'")
-    indices, predictions = [], []
-    for line_number, line in enumerate(lines[1:], 2):
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise UserError(f"{path}:{line_number}: expected 2 columns, found {len(fields)}")
-        indices.append(int(fields[0]))
-        predictions.append(_parse_label(task, fields[1], f"{path}:{line_number}"))
-    return indices, predictions

@@ -1,6 +1,7 @@
 """Build the general-distillation corpus: text -> sentences -> packed token sequences -> shards.
 
-``prepare_corpus(CorpusConfig(...))`` (CLI: ``pretrain/prepare_corpus.py``):
+``prepare_corpus(CorpusConfig(...))`` (CLI: ``pretrain/prepare_corpus.py``); the files it
+writes are described in ``corpus_format.py``, the documents and sentences in ``text.py``:
 
 1. Check what a user can get wrong before any work: the inputs exist and are non-empty
    UTF-8, the tokenizer loads and is a fast one, the output directory holds nothing
@@ -19,22 +20,18 @@
    still match their checksums and redoes the rest.
 
 Choices of ours (the paper is silent):
-- A document is a WikiText article (a ``= Title =`` line starts one; ``= = Section = =``
-  lines are skipped as text), a blank-line-separated block of a plain file, or one row of
-  a hub dataset. A sequence never spans two documents; it may span paragraphs and
-  sections of one document (as BERT's pre-training data does). A document longer than
-  ``chars_per_shard`` is cut at a paragraph boundary (bounds memory; one forced break).
-- WikiText's `` @-@ ``, `` @,@ ``, `` @.@ `` are undone (``guest-starring``); ``<unk>``
-  becomes the tokenizer's unknown token. Other WikiText spacing (`` , ``) is kept.
+- A sequence never spans two documents; it may span paragraphs and sections of one
+  document (as BERT's pre-training data does).
 - A sentence longer than the budget is truncated and fills a sequence alone: that is the
-  only text dropped. Workers import no torch (this module must stay light).
+  only text dropped.
+
+Torch-free: spawned workers re-import ``pretrain/prepare_corpus.py`` and with it this module,
+so nothing imported here may import torch or transformers at module level.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -48,13 +45,13 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from lrcbert.data.corpus_format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, file_sha256, shard_file_name,
+                                        special_token_ids, token_dtype, tokenizer_identity)
+from lrcbert.data.text import (INPUT_FORMATS, SPLITTER_VERSION, check_text_file, iter_documents, iter_hub_documents,
+                               load_tokenizer, open_hub_dataset, resolve_format, split_sentences)
 from lrcbert.errors import UserError
+from lrcbert.files import write_json_atomic
 
-FORMAT_NAME = "lrcbert-corpus"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SPLITTER_VERSION = "rule-v1"  # bump when split_sentences changes its output
-INPUT_FORMATS = ("auto", "raw", "tokens", "plain")
 _ENCODE_BATCH = 2048  # sentences per backend encode call
 
 
@@ -82,235 +79,7 @@ class CorpusConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
-# ----------------------------------------------------------------------------- shared format
-
-
-def shard_file_name(index: int, kind: str) -> str:
-    """``kind`` is ``tokens`` or ``offsets``."""
-    return f"shard_{index:05d}.{kind}.npy"
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """Name, class, vocab size and hashes. ``vocab_sha256`` hashes the (token, id) pairs in id
-    order (stable across library versions); ``tokenizer_json_sha256`` hashes the canonical
-    serialized tokenizer (normalizer, pre-tokenizer, model) as this tokenizers version writes it."""
-    ordered = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    vocab_bytes = json.dumps(ordered, ensure_ascii=False).encode("utf-8")
-    serialized = json.loads(tokenizer.backend_tokenizer.to_str())  # key order varies run to run
-    canonical = json.dumps(serialized, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return {
-        "name_or_path": str(tokenizer.name_or_path),
-        "class": type(tokenizer).__name__,
-        "vocab_size": max(len(tokenizer), ordered[-1][1] + 1),
-        "vocab_sha256": hashlib.sha256(vocab_bytes).hexdigest(),
-        "tokenizer_json_sha256": hashlib.sha256(canonical).hexdigest(),
-    }
-
-
-def special_token_ids(tokenizer) -> dict:
-    """The ids the tokenizer adds around one sequence (``prefix_ids`` / ``suffix_ids``, e.g.
-    [CLS] / [SEP]) and its pad, cls, sep, unk and mask ids (None where it has none)."""
-    probe = "a"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if plain and full[start:start + len(plain)] == plain:
-            break
-    else:
-        raise UserError(f"cannot tell where tokenizer {tokenizer.name_or_path} puts its special tokens")
-    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "cls", "sep", "unk", "mask")}
-    return {"prefix_ids": full[:start], "suffix_ids": full[start + len(plain):],
-            **{f"{name}_token_id": value for name, value in ids.items()}}
-
-
-def load_tokenizer(name_or_dir: str):
-    """An HF fast tokenizer, or UserError."""
-    from transformers import AutoTokenizer  # heavy: only the main process needs it
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's path
-        raise UserError(f"cannot load tokenizer {name_or_dir}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise UserError(f"tokenizer {name_or_dir} is not a fast (Rust `tokenizers`) tokenizer")
-    return tokenizer
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- reading text
-
-_HEADING = re.compile(r"((?:= )+)(.*?)((?: =)+)")
-_WIKITEXT_SEPARATOR = re.compile(r" @([-,.])@ ")
-
-
-def check_text_file(path: str) -> None:
-    """UserError naming ``path`` when it is missing, empty (no non-blank text) or not UTF-8."""
-    if not os.path.exists(path):
-        raise UserError(f"input file not found: {path}")
-    if not os.path.isfile(path):
-        raise UserError(f"input path is not a file: {path}")
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset, has_text = 0, False
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 24)
-            held = len(decoder.getstate()[0])  # bytes of a character split across chunks
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as exc:
-                raise UserError(f"input file {path} is not valid UTF-8 (bad byte at offset "
-                                f"{offset - held + exc.start})") from None
-            has_text = has_text or bool(text.strip().lstrip("\ufeff"))
-            if not chunk:
-                break
-            offset += len(chunk)
-    if not has_text:
-        raise UserError(f"input file {path} is empty" + (" (only whitespace)" if offset else ""))
-
-
-def resolve_format(path: str, input_format: str) -> str:
-    if input_format != "auto":
-        return input_format
-    suffix = os.path.splitext(path)[1].lower()
-    return {".raw": "raw", ".tokens": "tokens"}.get(suffix, "plain")
-
-
-def _heading_level(line: str) -> int:
-    """``= Title =`` -> 1, ``= = Section = =`` -> 2, ...; 0 for a text line (already stripped)."""
-    match = _HEADING.fullmatch(line)
-    if match is None or match.group(1).count("=") != match.group(3).count("="):
-        return 0
-    return match.group(1).count("=")
-
-
-def clean_wikitext(line: str, unk_token: str | None) -> str:
-    """Undo WikiText's `` @-@ `` / `` @,@ `` / `` @.@ `` and map ``<unk>`` to ``unk_token``."""
-    line = _WIKITEXT_SEPARATOR.sub(r"\1", line)
-    if unk_token is not None and "<unk>" in line:
-        line = line.replace("<unk>", unk_token)
-    return line
-
-
-def _cut(paragraphs: list[str], max_doc_chars: int) -> Iterator[list[str]]:
-    """One document as pieces of at most ``max_doc_chars`` (0: no limit), cut between paragraphs."""
-    piece, chars = [], 0
-    for paragraph in paragraphs:
-        if piece and max_doc_chars and chars + len(paragraph) > max_doc_chars:
-            yield piece
-            piece, chars = [], 0
-        piece.append(paragraph)
-        chars += len(paragraph)
-    if piece:
-        yield piece
-
-
-def iter_documents(path: str, fmt: str, unk_token: str | None = None,
-                   max_doc_chars: int = 0) -> Iterator[list[str]]:
-    """Documents of a local file as lists of paragraphs (see the module doc for the rules).
-
-    ``fmt``: ``raw`` / ``tokens`` (WikiText) or ``plain``. Any line ending (LF, CRLF, CR).
-    Streams: at most one document is held in memory.
-    """
-    wikitext = fmt in ("raw", "tokens")
-    paragraphs: list[str] = []
-    chars = 0
-    with open(path, encoding="utf-8", newline=None) as f:
-        for line in f:
-            text = line.lstrip("\ufeff").strip()
-            level = _heading_level(text) if wikitext and text else 0
-            # a document ends at a level-1 heading (WikiText) or a blank line (plain)
-            if paragraphs and (level == 1 or (not wikitext and not text)):
-                yield paragraphs
-                paragraphs, chars = [], 0
-            if not text or level:
-                continue  # headings are not text; WikiText's blank lines only separate paragraphs
-            paragraph = clean_wikitext(text, unk_token) if wikitext else text
-            if paragraphs and max_doc_chars and chars + len(paragraph) > max_doc_chars:
-                yield paragraphs  # cut an over-long document between paragraphs
-                paragraphs, chars = [], 0
-            paragraphs.append(paragraph)
-            chars += len(paragraph)
-    if paragraphs:
-        yield paragraphs
-
-
-def open_hub_dataset(name: str, config_name: str | None, split: str):
-    """A streamed `datasets` hub dataset (needs internet), or UserError."""
-    try:
-        import datasets
-
-        return datasets.load_dataset(name, config_name, split=split, streaming=True)
-    except Exception as exc:  # noqa: BLE001 - network, name, config: all the user's to fix
-        raise UserError(f"cannot open hub dataset {name} (config {config_name}, split {split}): "
-                        f"{str(exc).splitlines()[0] if str(exc) else exc!r}")
-
-
-def iter_hub_documents(stream, max_doc_chars: int = 0, text_column: str = "text") -> Iterator[list[str]]:
-    """One document per row; its non-blank lines are the paragraphs."""
-    for row in stream:
-        paragraphs = [line.strip() for line in row[text_column].splitlines() if line.strip()]
-        yield from _cut(paragraphs, max_doc_chars)
-
-
-# ----------------------------------------------------------------------------- sentences, packing
-
-_TERMINATOR = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+")
-_OPENERS = "\"'\u201c\u2018(["
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof st jr sr vs etc no nos vol fig gen col lt sgt capt cmdr mt ft rev inc ltd co jan feb "
-    "mar apr jun jul aug sep sept oct nov dec".split())
-
-
-def _is_abbreviation(before: str) -> bool:
-    """Whether the ``.`` right after ``before`` ends an abbreviation rather than a sentence."""
-    if not before or before[-1].isspace():
-        return False  # WikiText's " . ": a stand-alone full stop
-    word = before.rsplit(None, 1)[-1].lstrip(_OPENERS)
-    return (len(word) == 1 and word.isalpha()) or "." in word or word.lower() in _ABBREVIATIONS
-
-
-def split_sentences(paragraph: str) -> list[str]:
-    """Split a paragraph into sentences with one rule.
-
-    A boundary is the whitespace after a run of ``.``, ``!`` or ``?`` (plus any closing
-    quotes or brackets) when the next word starts, after any opening quotes or brackets
-    (spaced or not), with an upper-case letter or a digit. After a ``.`` there is no boundary when the word
-    before it is a single letter (initials), contains a period (``U.S.``) or is a common
-    abbreviation (``Mr.``, ``St.``, ``No.``, ...). Joining the sentences with spaces gives
-    the paragraph back up to whitespace: splitting never loses text.
-    """
-    sentences, start = [], 0
-    for match in _TERMINATOR.finditer(paragraph):
-        following = paragraph[match.end():match.end() + 16].lstrip(_OPENERS + " ")[:1]  # WikiText: '. " He'
-        if not (following.isupper() or following.isdigit()):
-            continue
-        if match.group()[0] == "." and _is_abbreviation(paragraph[start:match.start()]):
-            continue
-        sentences.append(paragraph[start:match.end()].strip())
-        start = match.end()
-    tail = paragraph[start:].strip()
-    if tail:
-        sentences.append(tail)
-    return sentences
+# ----------------------------------------------------------------------------- packing
 
 
 def pack_document(sentence_ids: Iterable[list[int]], budget: int) -> Iterator[list[int]]:
@@ -540,7 +309,7 @@ def _shard_stream(inputs: list[dict], config: CorpusConfig, unk_token: str | Non
 def prepare_corpus(config: CorpusConfig) -> PrepareReport:
     """Build (or finish) the corpus in ``config.output_dir``; see the module docstring."""
     inputs = _check_config(config)
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(config.tokenizer, require_fast=True)
     specials = special_token_ids(tokenizer)
     if config.max_seq_length <= len(specials["prefix_ids"]) + len(specials["suffix_ids"]):
         raise UserError(f"--max_seq_length {config.max_seq_length} leaves no room next to the special tokens")
