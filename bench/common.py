@@ -48,15 +48,10 @@ def machine() -> dict:
     """Facts about the machine and software a figure was taken on (load average at start)."""
     import torch
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # its logger writes to stdout; --json owns stdout
-            import deepspeed
-            from deepspeed.accelerator import get_accelerator
+    from lrcbert.runtime.engine import deepspeed_version
 
-            get_accelerator()
-        ds_version = deepspeed.__version__
-    except Exception:  # deepspeed is optional for some benchmarks
-        ds_version = None
+    with contextlib.redirect_stdout(sys.stderr):  # its logger writes to stdout; --json owns stdout
+        ds_version = deepspeed_version()
     import transformers
 
     return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

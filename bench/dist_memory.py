@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 bench/dist_memory.py --ds_config ds_configs/z2.json --out_dir DIR
 
 Trains the default student (DistillStudent: 4x312 plus projections to the teacher width) for
-a few steps through ``lrcbert.engine.Engine`` with COS-NCE-style negatives from the sharded
+a few steps through ``lrcbert.runtime.engine.Engine`` with COS-NCE-style negatives from the sharded
 ``MemoryBank``, and writes ``DIR/rank{R}.json``: peak RSS (VmHWM), RSS before the model,
 the model states this rank holds (parameters, gradients, optimizer states) and the payload
 bytes of every collective of the last step, by source (``bank`` or ``engine``).
@@ -99,8 +99,10 @@ def main() -> int:
 
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    from lrcbert import engine as eng
-    from lrcbert.bank import MemoryBank
+    from lrcbert.method.bank import MemoryBank
+    from lrcbert.runtime import ds_config as dsc
+    from lrcbert.runtime import engine as eng
+    from lrcbert.runtime.ranks import barrier
     from lrcbert.models import DistillStudent, StudentShape, count_parameters, student_config, with_labels
 
     eng.init_distributed(600)
@@ -113,8 +115,8 @@ def main() -> int:
     layers = list(range(1, shape.num_layers + 1))
     module = DistillStudent(student, layers, args.teacher_width)
     n_params = count_parameters(module)
-    settings = eng.TrainerSettings(args.micro_batch_size, 1, world, 1.0, "fp32")
-    ds_config = eng.resolve_ds_config(args.ds_config, settings)
+    settings = dsc.TrainerSettings(args.micro_batch_size, 1, world, 1.0, "fp32")
+    ds_config = dsc.resolve_ds_config(args.ds_config, settings)
     optimizer = eng.build_optimizer(module, 1e-4, 0.01)
     engine = eng.Engine(module, optimizer, lambda step: 1.0, ds_config)
     dim = args.max_seq_length * args.teacher_width  # flatten pooling
@@ -163,7 +165,7 @@ def main() -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f, indent=2)
-    eng.barrier()
+    barrier()
     return 0
 
 

@@ -8,7 +8,7 @@
    1/world; the example ids (8 bytes a slot) are replicated.
 2. Peak RSS per rank for ZeRO stages 0..3 (``ds_configs/zN.json``) in a two-rank CPU run
    through the real ``deepspeed`` launcher (``bench/dist_memory.py``: the default student
-   + projections trained by ``lrcbert.engine.Engine``, fp32, bank negatives).
+   + projections trained by ``lrcbert.runtime.engine.Engine``, fp32, bank negatives).
 3. A model of the bytes each rank moves per step, from 8 to 512 ranks, checked against the
    payloads counted in the two-rank run (every collective wrapped and measured).
 """
@@ -29,7 +29,7 @@ import tempfile  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import REPO, Report, base_parser, free_port  # noqa: E402
-from lrcbert.bank import MemoryBank  # noqa: E402
+from lrcbert.method.bank import MemoryBank  # noqa: E402
 
 WORLDS = (1, 2, 8, 64, 512)
 GENERAL = {"layers": 4, "bank_size": 4096, "seq": 128, "teacher_width": 768, "micro_batch": 32}

@@ -3,13 +3,14 @@
     python bench/step_efficiency.py [--json] [--quick] [--teacher minilm|bert-base]
 
 One process, no launcher, the library's own pieces composed as ``finetune/glue.py``
-composes a step (``teacher_forward``, ``LRCObjective`` with batch negatives,
-``perturbed_loss`` / ``perturbation_delta``, AdamW from ``lrcbert.engine.build_optimizer``),
+composes a step (the teacher forward, ``LRCObjective`` with batch negatives, its loss step
+``LRCObjective.step`` / ``perturbation_delta``, AdamW from ``lrcbert.runtime.engine.build_optimizer``),
 plus a second variant whose COS-NCE negatives come from the ``MemoryBank`` (as
-``pretrain/general_distill.py`` draws them), with the enqueue after the step.
+``pretrain/general_distill.py`` draws them: one ``MemoryBank.draw`` scores both passes), with
+the enqueue after the step.
 
 Measured interleaved in every repeat, on real SST-2 training sentences:
-- the whole step, uninstrumented (the library's ``perturbed_loss``), per variant;
+- the whole step, uninstrumented (the library's ``LRCObjective.step``), per variant;
 - the same step with a timer around each phase (exclusive times: the bank's scoring is
   taken out of the loss phase it runs in);
 - the reference: teacher forward + 2 x (student forward + backward with a plain
@@ -30,28 +31,35 @@ import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig  # noqa: E402
 
 from bench.common import SHARED_DATA, Report, base_parser, offline_teacher_dir, plot_bars  # noqa: E402
-from lrcbert.data import glue as glue_tasks  # noqa: E402
-from lrcbert.bank import MemoryBank  # noqa: E402
+from lrcbert.data import glue  # noqa: E402
 from lrcbert.data.batches import collate, encode  # noqa: E402
-from lrcbert.distill import LRCObjective, ObjectiveConfig  # noqa: E402
-from lrcbert.engine import build_optimizer  # noqa: E402
-from lrcbert.layer_map import uniform_layer_map  # noqa: E402
-from lrcbert.losses import LossWeights  # noqa: E402
-from lrcbert.models import (DistillStudent, StudentShape, count_parameters, freeze, student_config,  # noqa: E402
-                            teacher_forward, with_labels)
-from lrcbert.negatives import negative_generator  # noqa: E402
-from lrcbert.perturb import perturbation_delta, perturbed_loss  # noqa: E402
+from lrcbert.method.bank import MemoryBank  # noqa: E402
+from lrcbert.method.layer_map import uniform_layer_map  # noqa: E402
+from lrcbert.method.losses import LossWeights  # noqa: E402
+from lrcbert.method.negatives import negative_generator  # noqa: E402
+from lrcbert.method.objective import LRCObjective, ObjectiveConfig  # noqa: E402
+from lrcbert.method.perturb import PerturbConfig, perturbation_delta  # noqa: E402
+from lrcbert.models import DistillStudent, StudentShape, count_parameters, freeze, student_config, with_labels  # noqa: E402
+from lrcbert.runtime.engine import build_optimizer  # noqa: E402
 
 GOAL_RATIO = 1.10
 STAGE2 = LossWeights(1.0, 1.0, 3.0)  # every term active: the dearer of the two stages
 EPSILON = 1e-5
+PERTURB = PerturbConfig(enabled=True, epsilon=EPSILON)
 PHASES = ("teacher_forward", "teacher_vectors_and_negatives", "student_forward_clean", "losses_clean",
           "perturbation_grad", "student_forward_perturbed", "losses_perturbed", "backward", "optimizer",
           "bank_scoring", "bank_enqueue")
+
+
+@torch.no_grad()
+def teacher_forward(teacher, batch):
+    """The frozen teacher's (logits, hidden states), timed apart from pooling its vectors."""
+    out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  token_type_ids=batch["token_type_ids"], output_hidden_states=True, return_dict=True)
+    return out.logits, out.hidden_states
 
 
 class Phases:
@@ -94,8 +102,8 @@ def build(args):
     module = DistillStudent(student_hf, [s for s, _ in layer_map], teacher_cfg.hidden_size).train()
     objective = LRCObjective(layer_map, ObjectiveConfig("flatten", "cos_nce", 15, 1.1, False))
     optimizer = build_optimizer(module, 1e-4, 0.01)
-    task = glue_tasks.get_task("sst2")
-    train = glue_tasks.read_split(task, SHARED_DATA / "GLUE" / "SST-2", "train")
+    task = glue.get_task("sst2")
+    train = glue.read_split(task, SHARED_DATA / "GLUE" / "SST-2", "train")
     n = args.batch_size * (args.repeats + args.warmup)
     encoded = encode(tokenizer, train.text_a[:n], None, train.labels[:n], list(range(n)), args.max_seq_length)
     batches = [collate(encoded, range(i, i + args.batch_size), tokenizer.pad_token_id)
@@ -134,35 +142,25 @@ def main(argv=None) -> int:
     def negatives_for(batch, step, t_vectors, use_bank, ph):
         if not use_bank:
             return objective.batch_negatives(t_vectors, negative_generator(0, step, 0))
+        with ph("bank_scoring"):  # the draw: slots, counts and direction sums, once per step
+            draw = bank.draw(batch["rows"], k, bank.make_generator(step))
 
         def from_bank(student_vectors):
-            with ph("bank_scoring"):
-                padded = [F.pad(z, (0, bank_dim - z.shape[1])) for z in student_vectors]
-                return bank.negative_distance_sums(padded, batch["rows"], k, bank.make_generator(step))
+            with ph("bank_scoring"):  # each pass: the student side only
+                return draw(student_vectors)
         return from_bank
 
-    def enqueue(batch, t_vectors):
-        bank.enqueue([F.pad(v, (0, bank_dim - v.shape[1])) for v in t_vectors], batch["rows"])
-
     def whole_step(batch, step, use_bank):
-        """The recipe's step, no timers: the library's perturbed_loss does steps 1-4."""
-        t_logits, t_hidden = teacher_forward(teacher, batch)
-        mask = batch["attention_mask"]
-        t_vectors = objective.teacher_vectors(t_hidden, mask)
-        negatives = negatives_for(batch, step, t_vectors, use_bank, Phases())
-
-        def loss_of(forward, delta=None):
-            s_logits, _, s_embed, projected = forward(batch["input_ids"], mask, batch["token_type_ids"], delta)
-            total, logs = objective(STAGE2, mask, projected, t_hidden, t_vectors, negatives, s_logits, t_logits,
-                                    batch["labels"])
-            return total, logs, s_embed
-
-        loss, _ = perturbed_loss(loss_of, module, module, EPSILON)
+        """The recipe's step, no timers: the library's loss step does steps 1-4."""
+        t = objective.teacher(teacher, batch)
+        negatives = (bank.draw(batch["rows"], k, bank.make_generator(step)) if use_bank
+                     else objective.batch_negatives(t.vectors, negative_generator(0, step, 0)))
+        loss, _ = objective.step(module, batch, t, STAGE2, negatives, perturb=PERTURB, probe=module)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if use_bank:
-            enqueue(batch, t_vectors)
+            bank.enqueue(t.vectors, batch["rows"])
 
     def phased_step(batch, step, use_bank, ph):
         """The same step with a timer around each phase."""
@@ -192,7 +190,7 @@ def main(argv=None) -> int:
             optimizer.zero_grad(set_to_none=True)
         if use_bank:
             with ph("bank_enqueue"):
-                enqueue(batch, t_vectors)
+                bank.enqueue(t_vectors, batch["rows"])
 
     def reference(batch, ph):
         """Teacher forward + 2 x (student forward + backward, plain cross-entropy)."""

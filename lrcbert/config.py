@@ -23,6 +23,15 @@ from lrcbert.errors import UserError
 T = TypeVar("T")
 
 
+def flag(help: str, default: Any = dataclasses.MISSING, *, choices=None) -> Any:
+    """A dataclass field that becomes ``--name``: ``help`` is its ``--help`` text, no ``default``
+    makes it required, ``choices`` limits its values."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = list(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def _base_type(tp):
     """Optional[X] / X | None -> X."""
     origin = typing.get_origin(tp)
@@ -113,12 +122,3 @@ def parse_args(cls: type[T], argv: list[str] | None = None, description: str = "
     ns = vars(parser.parse_args(argv))
     ns.pop("local_rank", None)
     return cls(**ns)
-
-
-def to_dict(args: Any) -> dict[str, Any]:
-    return dataclasses.asdict(args)
-
-
-def save_json(args: Any, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(to_dict(args), f, indent=2, sort_keys=True)

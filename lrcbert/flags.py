@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from lrcbert.losses import POOLING_MODES
-from lrcbert.perturb import PERTURB_MODES
+from lrcbert.config import flag
+from lrcbert.method.losses import POOLING_MODES
+from lrcbert.method.perturb import PERTURB_MODES, PerturbConfig
+from lrcbert.models import StudentShape
 
 
 @dataclass(kw_only=True)
@@ -13,25 +15,39 @@ class SharedFlags:
     """Engine, objective, student-shape and run-control flags of finetune/glue.py and pretrain/general_distill.py."""
 
     # the engine
-    ds_config: str = field(default="ds_configs/z2.json", metadata={"help": "DeepSpeed config (ZeRO knobs; batch, clipping and precision are 'auto')"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/LayerNorm)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    ds_config: str = flag("DeepSpeed config (ZeRO knobs; batch, clipping and precision are 'auto')",
+                          "ds_configs/z2.json")
+    gradient_accumulation_steps: int = flag("micro-steps per optimizer step", 1)
+    weight_decay: float = flag("AdamW weight decay (not on biases/LayerNorm)", 0.01)
+    max_grad_norm: float = flag("gradient clipping (0 = off)", 1.0)
     # the LRC-BERT objective
-    pooling: str = field(default="flatten", metadata={"help": "pooling of layer outputs for COS-NCE", "choices": list(POOLING_MODES)})
-    perturb: bool = field(default=True, metadata={"help": "gradient perturbation on the student's embedding output"})
-    epsilon: float = field(default=1.0, metadata={"help": "perturbation radius: L2 norm of the shift per sample over (T, D)"})
-    perturb_mode: str = field(default="replace", metadata={"help": "replace: train on L(e') only (paper); add: L(e) + L(e')", "choices": list(PERTURB_MODES)})
-    layer_map: str = field(default="auto", metadata={"help": "teacher layer per student layer, e.g. 3,6,9,12; auto = floor(i*N/M)"})
+    pooling: str = flag("pooling of layer outputs for COS-NCE", "flatten", choices=POOLING_MODES)
+    perturb: bool = flag("gradient perturbation on the student's embedding output", True)
+    epsilon: float = flag("perturbation radius: L2 norm of the shift per sample over (T, D)", 1.0)
+    perturb_mode: str = flag("replace: train on L(e') only (paper); add: L(e) + L(e')", "replace",
+                             choices=PERTURB_MODES)
+    layer_map: str = flag("teacher layer per student layer, e.g. 3,6,9,12; auto = floor(i*N/M)", "auto")
     # a fresh student
-    student_layers: int = field(default=4, metadata={"help": "fresh student: layers"})
-    student_hidden: int = field(default=312, metadata={"help": "fresh student: hidden size"})
-    student_intermediate: int = field(default=1200, metadata={"help": "fresh student: FFN size"})
-    student_heads: int = field(default=12, metadata={"help": "fresh student: attention heads"})
+    student_layers: int = flag("fresh student: layers", 4)
+    student_hidden: int = flag("fresh student: hidden size", 312)
+    student_intermediate: int = flag("fresh student: FFN size", 1200)
+    student_heads: int = flag("fresh student: attention heads", 12)
     # run control
-    stop_after_steps: int = field(default=-1, metadata={"help": "checkpoint and stop after this many steps without changing the schedule (resume later with --resume)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (oldest deleted first)"})
-    log_steps: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow an output dir that already holds a run"})
-    seed: int = field(default=42, metadata={"help": "random seed (data order, initialization, dropout, negatives)"})
-    dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the run fails"})
+    stop_after_steps: int = flag("checkpoint and stop after this many steps without changing the schedule "
+                                 "(resume later with --resume)", -1)
+    keep_checkpoints: int = flag("checkpoints kept (oldest deleted first)", 2)
+    log_steps: int = flag("TensorBoard scalars every N steps", 10)
+    overwrite_output_dir: bool = flag("allow an output dir that already holds a run", False)
+    seed: int = flag("random seed (data order, initialization, dropout, negatives)", 42)
+    dist_timeout: float = flag("seconds a collective may wait before the run fails", 1800.0)
+
+    def __post_init__(self):
+        PerturbConfig(self.perturb, self.epsilon, self.perturb_mode)  # refuses a bad --epsilon or --perturb_mode
+
+    @property
+    def perturbation(self) -> PerturbConfig:
+        return PerturbConfig(self.perturb, self.epsilon, self.perturb_mode)
+
+    @property
+    def student_shape(self) -> StudentShape:
+        return StudentShape(self.student_layers, self.student_hidden, self.student_intermediate, self.student_heads)

@@ -1,4 +1,10 @@
-"""Teacher and student models: Hugging Face checkpoints in, Hugging Face checkpoints out."""
+"""Teacher and student models, built in one place: Hugging Face checkpoints in and out.
+
+Configs and their checks (``load_config``, ``student_config_for``, ``check_positions``,
+``check_teacher_labels``) run in a recipe's ``setup``, before any process group; the models
+(``load_teacher``, ``build_student``, ``DistillStudent``) in its ``train``; ``export_hf`` writes
+the trained student.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer,
-                          PretrainedConfig)
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig
 
 from lrcbert.errors import UserError
-from lrcbert.layer_map import Projections
-from lrcbert.perturb import EmbeddingTap
+from lrcbert.method.layer_map import Projections
+from lrcbert.method.perturb import EmbeddingTap
 
 
 @dataclass
@@ -40,14 +45,8 @@ def load_config(path: str, role: str) -> PretrainedConfig:
     for attr in ("num_hidden_layers", "hidden_size", "vocab_size"):
         if not hasattr(config, attr):
             raise UserError(f"{role} {path!r} is not a BERT-style encoder (its config has no {attr})")
+    check_encoder(config, path, role)
     return config
-
-
-def load_tokenizer(path: str):
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise UserError(f"cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
 
 
 def student_config(teacher_config: PretrainedConfig, shape: StudentShape) -> PretrainedConfig:
@@ -93,6 +92,82 @@ def load_classifier(path: str, label_names: list[str] | None, init_head: bool = 
     return AutoModelForSequenceClassification.from_pretrained(path)
 
 
+def load_teacher(path: str, *, task_head: bool, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """The frozen teacher: a fine-tuned task classifier (``task_head``) or a bare encoder."""
+    model = AutoModelForSequenceClassification.from_pretrained(path) if task_head else AutoModel.from_pretrained(path)
+    return freeze(model).to(device=device, dtype=dtype)
+
+
+def build_student(config: PretrainedConfig, *, path: str | None = None, task_head: bool,
+                  label_names: list[str] | None = None) -> nn.Module:
+    """The model to train: from ``path`` (a general-distilled student; the teacher itself for
+    teacher fine-tuning) or fresh from ``config``.
+
+    ``task_head``: a sequence classifier with a new head for ``label_names`` (None: regression).
+    Otherwise a bare encoder for general distillation, whose pooler is frozen: COS-NCE on the
+    layer outputs gives it no gradient, and it stays out of ZeRO's buckets (the task stage trains it).
+    """
+    if task_head:
+        if path:
+            return load_classifier(path, label_names, init_head=True)
+        return AutoModelForSequenceClassification.from_config(with_labels(config, label_names))
+    model = AutoModel.from_pretrained(path) if path else AutoModel.from_config(config)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler.requires_grad_(False)
+    return model
+
+
+def student_config_for(student: str | None, teacher_config: PretrainedConfig, shape: StudentShape,
+                       tokenizer) -> PretrainedConfig:
+    """The student's config: a given student's, or a fresh one of ``shape`` with the teacher's
+    vocabulary; either way its vocabulary must be the teacher's (the same tokens feed both)."""
+    config = load_config(student, "student") if student else student_config(teacher_config, shape)
+    if config.vocab_size != teacher_config.vocab_size or len(tokenizer) > config.vocab_size:
+        raise UserError(f"student vocabulary ({config.vocab_size}) does not match the teacher's "
+                        f"({teacher_config.vocab_size}, tokenizer {len(tokenizer)})")
+    return config
+
+
+def check_positions(max_seq_length: int, **configs: PretrainedConfig) -> None:
+    """Every model must have position embeddings for ``max_seq_length`` tokens."""
+    for role, config in configs.items():
+        positions = getattr(config, "max_position_embeddings", max_seq_length)
+        if max_seq_length > positions:
+            raise UserError(f"--max_seq_length {max_seq_length} exceeds the {role}'s {positions} positions")
+
+
+def check_encoder(config: PretrainedConfig, path: str, role: str) -> None:
+    """Refuse anything but an encoder-only model with a BERT-style encoder stack (hidden states per layer)."""
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        raise UserError(f"{role} {path} ({kind}) is not an encoder-only model; use a BERT-style encoder")
+    try:
+        with torch.device("meta"):  # the architecture only: no memory, no weights read
+            model = AutoModel.from_config(copy.deepcopy(config))  # from_config writes into the config it gets
+    except Exception as exc:  # unknown or broken model types fail in many ways
+        raise UserError(f"{role} {path}: AutoModel cannot build a {kind} model ({str(exc).splitlines()[0]})") from None
+    if getattr(model.base_model, "encoder", None) is None:
+        raise UserError(f"{role} {path} ({type(model).__name__}) is not a BERT-style encoder: "
+                        "it has no encoder stack whose hidden states COS-NCE could use")
+
+
+def check_teacher_labels(task, config: PretrainedConfig, path: str) -> None:
+    """The task teacher must predict this task's labels in this task's order."""
+    wanted = 1 if task.is_regression else task.num_labels
+    if config.num_labels != wanted:
+        raise UserError(f"teacher {path} has {config.num_labels} labels but {task.name} needs {wanted}; "
+                        "fine-tune a teacher for this task first (--stage teacher)")
+    if task.is_regression:
+        return
+    names = [str(config.id2label[i]).lower() for i in range(config.num_labels)]
+    if all(n.startswith("label_") for n in names):
+        return  # generic names: the order cannot be checked
+    if names != [n.lower() for n in task.label_names]:
+        raise UserError(f"teacher {path} label order {names} differs from {task.name}'s "
+                        f"{[n.lower() for n in task.label_names]}; its logits would be misread")
+
+
 class DistillStudent(nn.Module):
     """What DeepSpeed trains: the student plus its training-only projections W_i.
 
@@ -125,14 +200,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
-def teacher_forward(teacher: nn.Module, batch: dict[str, torch.Tensor]):
-    """(logits or None, hidden states) of the frozen teacher."""
-    out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  token_type_ids=batch.get("token_type_ids"), output_hidden_states=True, return_dict=True)
-    return getattr(out, "logits", None), out.hidden_states
-
-
 def export_hf(state_dict: dict, prefix: str, config: PretrainedConfig, tokenizer, out_dir: str,
               with_head: bool = True) -> None:
     """Write a Hugging Face model directory (weights under ``prefix`` only, plus tokenizer).
@@ -148,7 +215,8 @@ def export_hf(state_dict: dict, prefix: str, config: PretrainedConfig, tokenizer
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise RuntimeError(f"export: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RuntimeError(f"export: weights do not match the model "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrcbert.bank import MemoryBank
+from lrcbert.method.bank import MemoryBank
 from lrcbert.errors import UserError
 from tests.helpers import REPO, launch
 
@@ -165,8 +165,8 @@ def test_chunked_scoring_matches_unchunked():
         torch.testing.assert_close(a, b)
 
 
-def test_a_repeated_draw_reuses_the_scoring_plan_and_a_changed_bank_does_not(monkeypatch):
-    # the clean and the perturbed pass of one step score against one draw: the second call
+def test_one_draw_scores_both_passes_and_a_changed_bank_needs_a_new_draw(monkeypatch):
+    # the clean and the perturbed pass of one step score against one draw: the second pass
     # must give the same sums and gradients without summing the bank's rows again
     bank = filled_bank(size=12, dim=7, batches=4)
     ids = torch.tensor([0, 5, 50])
@@ -175,33 +175,54 @@ def test_a_repeated_draw_reuses_the_scoring_plan_and_a_changed_bank_does_not(mon
     real = bank._direction_sums
     monkeypatch.setattr(bank, "_direction_sums", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
-    def score(gen):
-        sums, _ = bank.negative_distance_sums(z, ids, 6, gen)
+    def score(negatives):
+        sums, _ = negatives(z)
         grads = torch.autograd.grad(torch.stack(sums).sum(), z)
         return [s.detach() for s in sums], grads
 
     gen = bank.make_generator(2)
-    first = score(gen)
-    after_first = gen.get_state()
-    assert len(calls) == 2  # one per layer
-    again = bank.make_generator(2)
-    second = score(again)
-    assert len(calls) == 2  # reused
-    assert torch.equal(again.get_state(), after_first)  # the generator ends where a fresh draw leaves it
+    negatives = bank.draw(ids, 6, gen)
+    assert len(calls) == 2  # one per layer, at the draw
+    first, second = score(negatives), score(negatives)
+    assert len(calls) == 2  # passes do not touch the bank's rows
     for a, b in zip(first[0] + list(first[1]), second[0] + list(second[1])):
         assert torch.equal(a, b)
-    score(bank.make_generator(3))  # another draw
-    assert len(calls) == 4
-    score(bank.make_generator(3))
-    bank.vectors[0, 0] += 1.0  # a write that bypasses enqueue
-    score(bank.make_generator(3))
-    assert len(calls) == 6
+    fresh = score(bank.draw(ids, 6, bank.make_generator(2)))  # the same draw made again: the same numbers
+    for a, b in zip(first[0] + list(first[1]), fresh[0] + list(fresh[1])):
+        assert torch.equal(a, b)
     bank.enqueue([torch.randn(3, 7) for _ in range(2)], torch.arange(3) + 60)
-    score(bank.make_generator(3))
-    assert len(calls) == 8
     slots = bank.sample_slots(ids, 6, bank.make_generator(3))
-    for got, want in zip(score(bank.make_generator(3))[0], brute_force_sums(bank, [t.detach() for t in z], slots)):
+    for got, want in zip(score(bank.draw(ids, 6, bank.make_generator(3)))[0],
+                         brute_force_sums(bank, [t.detach() for t in z], slots)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="drawn for 3 rows"):
+        negatives([t[:2] for t in z])
+
+
+def test_narrower_vectors_are_zero_padded_to_the_bank_width():
+    # flatten pooling of a batch padded to fewer tokens: the bank pads, no cosine changes
+    bank = filled_bank(size=8, dim=5, batches=2)
+    narrow = [torch.randn(2, 3) for _ in range(2)]
+    wide = [torch.nn.functional.pad(v, (0, 2)) for v in narrow]
+    a, _ = bank.negative_distance_sums(narrow, torch.tensor([40, 41]), 3, bank.make_generator(0))
+    b, _ = bank.negative_distance_sums(wide, torch.tensor([40, 41]), 3, bank.make_generator(0))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    bank.enqueue(narrow, torch.tensor([50, 51]))
+    vectors, _ = bank.global_contents()
+    assert torch.equal(vectors[0, 6], wide[0][0]) and torch.equal(vectors[1, 7], wide[1][1])
+
+
+def test_held_vectors_join_the_bank_at_flush():
+    bank = filled_bank(size=8, dim=5, batches=1)
+    before = int(bank.fill)
+    bank.hold([torch.randn(2, 5) for _ in range(2)], torch.tensor([70, 71]))
+    bank.hold([torch.randn(2, 4) for _ in range(2)], torch.tensor([72, 73]))
+    assert int(bank.fill) == before  # held, not yet enqueued
+    bank.flush()
+    assert int(bank.fill) == before + 4 and bank.ids[before: before + 4].tolist() == [70, 71, 72, 73]
+    bank.flush()  # nothing left
+    assert int(bank.fill) == before + 4
 
 
 # --------------------------------------------------------------------------- state and reshard
@@ -272,8 +293,8 @@ def test_user_errors():
         bank.enqueue([torch.randn(2, 5)], torch.arange(2))
     with pytest.raises(UserError, match="non-negative"):
         bank.enqueue([torch.randn(2, 5)] * 2, torch.tensor([0, -1]))
-    with pytest.raises(UserError, match=r"\(2, 5\)"):
-        bank.enqueue([torch.randn(2, 4)] * 2, torch.arange(2))
+    with pytest.raises(UserError, match=r"at most 5"):  # narrower vectors are zero-padded, wider ones refused
+        bank.enqueue([torch.randn(2, 6)] * 2, torch.arange(2))
 
 
 # --------------------------------------------------------------------------- two ranks, real launcher

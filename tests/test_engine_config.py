@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lrcbert.engine import TrainerSettings, resolve_ds_config
+from lrcbert.runtime.ds_config import TrainerSettings, resolve_ds_config
 from lrcbert.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrcbert import losses
-from lrcbert.losses import LossWeights
+from lrcbert.method import losses
+from lrcbert.method.losses import LossWeights
 
 
 def test_angular_distance_hand_values():

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrcbert import engine as eng
-from lrcbert.bank import MemoryBank
+from lrcbert.runtime import guards
+from lrcbert.method.bank import MemoryBank
 from pretrain import general_distill as gd
 from tests.helpers import free_port, launch, make_wiki_corpus, scalar_curves
 
@@ -176,7 +176,7 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus, tmp_path):
     code = proc.wait(timeout=120)
     log.close()
     assert code == 0, tail((tmp_path / "rank0.log").read_text())
-    assert "continue with --resume" in (out / eng.PREEMPTED).read_text()
+    assert "continue with --resume" in (out / guards.PREEMPTED).read_text()
     step = int((out / "checkpoints" / "latest").read_text().split("-")[1])
     assert 1 <= step < 1000 and not (out / "model").exists()
     # the requeued job: --resume continues after that step and clears the marker
@@ -185,7 +185,7 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus, tmp_path):
     assert proc.wait(timeout=120) == 0, tail((tmp_path / "rank0.log").read_text())
     log.close()
     assert (out / "checkpoints" / "latest").read_text() == f"step-{step + 1:07d}"
-    assert not (out / eng.PREEMPTED).exists()
+    assert not (out / guards.PREEMPTED).exists()
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")

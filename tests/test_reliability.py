@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from finetune import glue
-from lrcbert import engine as eng
+from lrcbert.runtime import checkpoints, guards, hooks
 from pretrain import general_distill as gd
 from tests.helpers import (GLUE, REPO, SHARED_DATA, free_port, make_tiny_sst2_teacher, make_wiki_corpus,
                            offline_teacher_dir, read_scalars)
@@ -47,7 +47,7 @@ PRETRAIN_STEPS = 12
 SEQ = 64
 # the runs a test kills "past a checkpoint" sleep after each step, or ten tiny steps may all be over
 # between two looks (the pause changes no numbers: the curves are still compared bit for bit)
-SLOW = {eng.STEP_DELAY_ENV: "0.7"}
+SLOW = {hooks.STEP_DELAY_ENV: "0.7"}
 STARTED: list[subprocess.Popen] = []  # process groups ended by the autouse fixture if a test fails mid-run
 
 
@@ -250,7 +250,7 @@ def test_task_stage_bf16_sigkill_resumes_within_tolerance(sst2_teacher, tmp_path
 def assert_checkpoint_holds_everything(folder: Path, ranks: int, bank: bool) -> None:
     """Weights, optimizer, scheduler, every rank's Python/NumPy/torch RNG, the data position, the
     schedule's inputs and (general distillation) each rank's memory-bank shard."""
-    meta = json.loads((folder / eng.META).read_text())
+    meta = json.loads((folder / checkpoints.META).read_text())
     assert meta["world_size"] == ranks and meta["zero_stage"] == 2 and meta["parameters"]
     for name, size in meta["files"].items():
         assert (folder / name).stat().st_size == size, name
@@ -320,12 +320,12 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(sst2_teacher, glue_ref
     out = tmp_path / "run"
     args = glue_args(out, sst2_teacher)
     # test hook: rank 0 stops for good once step 6's temporary checkpoint is complete, before the rename
-    proc = launcher("finetune/glue.py", args, tmp_path / "log1", env={eng.PAUSE_BEFORE_RENAME_ENV: "6"})
+    proc = launcher("finetune/glue.py", args, tmp_path / "log1", env={hooks.PAUSE_BEFORE_RENAME_ENV: "6"})
     tmp = out / "checkpoints" / ".tmp-step-0000006"
-    wait_for(lambda: (tmp / eng.META).is_file(), 300, "the paused save", proc, tmp_path / "log1")
+    wait_for(lambda: (tmp / checkpoints.META).is_file(), 300, "the paused save", proc, tmp_path / "log1")
     kill_group(proc)
     assert latest(out) == "step-0000004" and tmp.is_dir() and not (out / "checkpoints" / "step-0000006").exists()
-    eng.verify_checkpoint(str(out / "checkpoints" / "step-0000004"))  # complete, every file its recorded size
+    checkpoints.verify_checkpoint(str(out / "checkpoints" / "step-0000004"))  # complete, every file its recorded size
 
     text = run_to_end("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
     assert "resumed from step 4" in text
@@ -337,9 +337,9 @@ def test_keep_last_n_and_stale_temporary_directories(tmp_path):
     for step in (2, 4, 6, 8):
         (tmp_path / f"step-{step:07d}").mkdir()
     (tmp_path / ".tmp-step-0000003").mkdir()
-    eng._prune(str(tmp_path), 2)
+    checkpoints.prune(str(tmp_path), 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000006", "step-0000008"]
-    eng._prune(str(tmp_path), 0)  # 0 keeps every checkpoint
+    checkpoints.prune(str(tmp_path), 0)  # 0 keeps every checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000006", "step-0000008"]
 
 
@@ -356,9 +356,9 @@ def test_task_stage_signal_during_start_up_checkpoints_after_the_first_step(sst2
     os.kill(rank_pids(proc, "glue.py")[1], signal.SIGTERM)  # one rank is enough: the ranks agree every step
     text = finish(proc, tmp_path / "log1")
     assert proc.returncode == 0, text[-3000:]
-    assert latest(out) == "step-0000001" and "continue with --resume" in (out / eng.PREEMPTED).read_text()
+    assert latest(out) == "step-0000001" and "continue with --resume" in (out / guards.PREEMPTED).read_text()
     text = run_to_end("finetune/glue.py", [*args, "--resume"], tmp_path / "log2")
-    assert not (out / eng.PREEMPTED).exists()
+    assert not (out / guards.PREEMPTED).exists()
     assert_same_curves(out, glue_reference, GLUE_TAGS, GLUE_STEPS)
 
 
@@ -370,7 +370,7 @@ def test_general_stage_signal_during_start_up_checkpoints_after_the_first_step(c
     proc.send_signal(signal.SIGUSR1)
     text = finish(proc, tmp_path / "rank0.log")
     assert proc.returncode == 0, text[-3000:]
-    assert latest(out) == "step-0000001" and (out / eng.PREEMPTED).is_file() and not (out / "model").exists()
+    assert latest(out) == "step-0000001" and (out / guards.PREEMPTED).is_file() and not (out / "model").exists()
 
 
 # ------------------------------------------------------------------------------------ 5. no hangs
@@ -386,7 +386,7 @@ def test_survivor_of_a_killed_rank_exits_naming_it(sst2_teacher, tmp_path):
     text = finish(ranks[0], tmp_path / "rank0.log", timeout=90)
     waited = time.time() - killed
     print(f"rank 0 exited {waited:.1f}s after rank 1 was killed")
-    assert ranks[0].returncode == eng.EXIT_PEER_DIED, text[-3000:]
+    assert ranks[0].returncode == guards.EXIT_PEER_DIED, text[-3000:]
     assert waited < 30
     line = [x for x in text.splitlines() if x.startswith("error: ")][-1]
     assert f"rank 1 (pid {ranks[1].pid}" in line and "died" in line, line
@@ -463,7 +463,7 @@ mount -t tmpfs -o size={int(checkpoint_bytes * 1.5)} tmpfs {disk} || exit 90
 {python} finetune/glue.py {args}; echo "first exit $?"
 echo "latest $(cat {out}/checkpoints/latest)"
 echo "listing $(ls -A {out}/checkpoints | grep -v '[.]py$' | tr '\\n' ' ')"
-{sys.executable} -c "from lrcbert.engine import verify_checkpoint; verify_checkpoint('{out}/checkpoints/step-0000002')" && echo "verified"
+{sys.executable} -c "from lrcbert.runtime.checkpoints import verify_checkpoint; verify_checkpoint('{out}/checkpoints/step-0000002')" && echo "verified"
 mount -o remount,size={checkpoint_bytes * 6} {disk}
 {python} finetune/glue.py {args} --resume; echo "second exit $?"
 echo "final $(cat {out}/checkpoints/latest)"
@@ -512,7 +512,7 @@ def test_checkpoint_without_meta_is_refused(sst2_teacher, copied_run, capsys, mo
     folder = copied_run / "checkpoints" / "step-0000010"
     for rng in folder.glob("rng_rank*.pt"):
         rng.unlink()
-    (folder / eng.META).unlink()
+    (folder / checkpoints.META).unlink()
     line = refused(capsys, glue_args(copied_run, sst2_teacher, "--resume"), monkeypatch)
     assert "is incomplete (no meta.json)" in line
 
@@ -528,7 +528,7 @@ def test_task_stage_refuses_another_world_size_even_without_zero_partitions(tmp_
     folder = out / "checkpoints" / "step-0000002"
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    (folder / eng.META).write_text(json.dumps({"world_size": 2, "files": {"mp_rank_00_model_states.pt": 1}}))
+    (folder / checkpoints.META).write_text(json.dumps({"world_size": 2, "files": {"mp_rank_00_model_states.pt": 1}}))
     (out / "checkpoints" / "latest").write_text("step-0000002")
     line = refused(capsys, glue_args(out, sst2_teacher, "--resume", "--ds_config", "ds_configs/z0.json"),
                    monkeypatch, world=1)

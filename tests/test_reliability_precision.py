@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from lrcbert import losses
-from lrcbert.perturb import perturbation_delta
+from lrcbert.method import losses
+from lrcbert.method.perturb import perturbation_delta
 from tests.helpers import REPO, free_port
 
 HALF = (torch.float16, torch.bfloat16)
@@ -61,7 +61,8 @@ def test_perturbation_direction_is_computed_in_fp32(dtype):
 OVERFLOW_SCRIPT = r"""
 import json, sys
 import torch
-from lrcbert import engine as eng
+from lrcbert.runtime import ds_config
+from lrcbert.runtime import engine as eng
 
 precision = sys.argv[1]
 if precision == "fp16":
@@ -73,7 +74,7 @@ if precision == "fp16":
 eng.init_distributed(120)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-config = eng.resolve_ds_config("ds_configs/z2.json", eng.TrainerSettings(4, 1, 1, 1.0, precision))
+config = ds_config.resolve_ds_config("ds_configs/z2.json", ds_config.TrainerSettings(4, 1, 1, 1.0, precision))
 engine = eng.Engine(model, eng.build_optimizer(model, 1e-2, 0.0), lambda step: 1.0, config)
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 x = torch.randn(4, 16).to(dtype)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: lrcbert
-from lrcbert.bank import MemoryBank  # noqa: E402
+from lrcbert.method.bank import MemoryBank  # noqa: E402
 
 NUM_LAYERS, SIZE, DIM, IN_FEATURES, K, SEED = 2, 12, 16, 6, 5, 1234
 # Local batch sizes per enqueue step as (rank 0, rank 1); 16 rows wrap a 12-slot bank.
@@ -90,7 +90,7 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from lrcbert.engine import init_distributed
+    from lrcbert.runtime.engine import init_distributed
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from lrcbert.errors import UserError
-from lrcbert.losses import LossWeights
+from lrcbert.method.losses import LossWeights
 
 
 def parse_weights(spec: str, flag: str) -> LossWeights:

@@ -1,18 +1,24 @@
-"""Negatives from the global batch: teacher vectors of the *other* rows on every rank."""
+"""Negatives from the global batch: teacher vectors of the *other* rows on every rank.
+
+A negatives source is drawn once per micro-batch and returns a callable
+``negatives(student_vectors) -> (sums, k)`` (per layer, ``(B,)`` sums of g(n_k, z_S) over
+each row's K negatives), so the clean and the perturbed pass score against the same draw.
+:func:`batch_negatives` is the task stage's source; ``MemoryBank.draw`` the general stage's.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lrcbert.losses import pairwise_angular_distance
+from lrcbert.method.losses import pairwise_angular_distance
+from lrcbert.runtime.ranks import rank_and_world
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+# student vectors per layer -> (negative-distance sums per layer, K)
+Negatives = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], int]]
 
 
 def gather_teacher_vectors(vectors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
@@ -25,7 +31,7 @@ def gather_teacher_vectors(vectors: list[torch.Tensor]) -> tuple[list[torch.Tens
     Returns:
         (per-layer (world * B, F_max) tensors in rank order, offset of this rank's rows).
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     batch = vectors[0].shape[0]
     if world == 1:
         return [v.detach() for v in vectors], 0
@@ -85,3 +91,17 @@ def negative_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The generator for one micro-step's batch negatives: a function of (seed, step, rank)
     only, so the clean and perturbed passes and a resumed run draw the same rows."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+
+
+def batch_negatives(teacher_vectors: list[torch.Tensor], num_negatives: int,
+                    generator: torch.Generator) -> Negatives:
+    """Negatives from the other rows of the global batch, drawn once (a collective: gathers
+    every rank's teacher vectors). K is capped at global batch - 1; with a global batch of
+    one there is no negative and the returned source gives zero sums with K = 0."""
+    pool, offset = gather_teacher_vectors(teacher_vectors)
+    global_batch = pool[0].shape[0]
+    k = min(num_negatives, global_batch - 1)
+    if k < 1:
+        return lambda student_vectors: ([torch.zeros(v.shape[0]) for v in student_vectors], 0)
+    neg_index = sample_other_rows(teacher_vectors[0].shape[0], global_batch, offset, k, generator)
+    return lambda student_vectors: (batch_negative_distance_sums(student_vectors, pool, neg_index), k)

@@ -13,11 +13,29 @@ are left untouched, so the optimizer sees the perturbed pass only.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lrcbert.errors import UserError
+
 PERTURB_MODES = ("replace", "add")
+
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    """Gradient perturbation settings (``--perturb``, ``--epsilon``, ``--perturb_mode``)."""
+
+    enabled: bool = True
+    epsilon: float = 1.0  # L2 norm of the shift per sample over (T, D)
+    mode: str = "replace"  # replace: train on L(e') only (paper); add: L(e) + L(e')
+
+    def __post_init__(self):
+        if self.mode not in PERTURB_MODES:
+            raise UserError(f"--perturb_mode must be one of {', '.join(PERTURB_MODES)}, got {self.mode!r}")
+        if self.enabled and not self.epsilon > 0:
+            raise UserError(f"--epsilon must be positive, got {self.epsilon}")
 
 
 def perturbation_delta(loss: torch.Tensor, embeddings: torch.Tensor, epsilon: float,

@@ -11,10 +11,16 @@ be drawn identically everywhere and a sample is never its own negative, even in 
 
 Typical loop (every rank, same order)::
 
-    bank.validate(k, global_batch_size)               # before training
-    sums, k = bank.negative_distance_sums(z_S, ids, k)  # list of (B_local,) per layer
-    ... loss = mean over local rows ...; engine.backward(loss); engine.step()
-    bank.enqueue(z_T, ids)                             # after the step
+    bank.validate(k, global_batch_size)       # before training
+    negatives = bank.draw(ids, k)             # once per micro-batch: K slots per positive
+    sums, k = negatives(z_S_clean)            # list of (B_local,) per layer
+    sums, k = negatives(z_S_perturbed)        # the same draw scores the perturbed pass
+    bank.hold(z_T, ids)                       # this micro-batch's teacher vectors
+    ... engine.backward(loss); engine.step()
+    bank.flush()                              # after the step: they join the bank
+
+Vectors narrower than ``dim`` (flatten pooling of a batch padded to fewer tokens) are
+zero-padded by the bank itself, which changes no cosine.
 
 Checkpoints: each rank's shard differs, so save ``bank.state_dict()`` per rank (not as a
 submodule of the DeepSpeed model, whose weights only rank 0 writes) and use
@@ -91,10 +97,7 @@ class MemoryBank(nn.Module):
         self.register_buffer("sample_step", torch.zeros((), **long))
         self.register_buffer("seed", torch.tensor(seed, **long))
         self.register_buffer("shard", torch.tensor([rank, world_size], **long))
-        # The no-grad half of the last scoring (drawn slots -> per-row counts and direction sums),
-        # reused when the next call draws the same slots from the same contents: the clean and
-        # the perturbed pass of one step score against one draw (same generator state).
-        self._scoring_cache: tuple | None = None
+        self._held: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # this step's vectors, see hold()
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, size={self.size}, dim={self.dim}, rank={self.rank}, "
@@ -164,19 +167,53 @@ class MemoryBank(nn.Module):
 
     # ----------------------------------------------------------------------------- enqueue
 
+    def fit(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer ``(B, F')`` with ``F' <= dim`` -> ``(B, dim)``, zero-padded at the end.
+
+        Flatten pooling of a batch padded to fewer than ``max_seq_length`` tokens gives shorter
+        vectors; the extra zeros are all-padding token rows, which change no cosine.
+        """
+        if len(vectors) != self.num_layers:
+            raise UserError(f"memory bank has {self.num_layers} layers but got {len(vectors)} vector sets")
+        out = []
+        for vec in vectors:
+            if vec.dim() != 2 or vec.shape[1] > self.dim:
+                raise UserError(f"memory bank expects (B, F) vectors per layer with F at most {self.dim}, "
+                                f"got {tuple(vec.shape)}")
+            out.append(F.pad(vec, (0, self.dim - vec.shape[1])))
+        return out
+
+    @torch.no_grad()
+    def hold(self, teacher_vectors: list[torch.Tensor], example_ids: torch.Tensor) -> None:
+        """Keep one micro-batch's teacher vectors (in the storage dtype) until :meth:`flush`.
+
+        All micro-batches of an optimizer step score against the same bank contents; their
+        vectors join it once the step is taken.
+        """
+        vectors = [v.to(self.vectors.dtype) for v in self.fit([v.detach() for v in teacher_vectors])]
+        self._held.append((vectors, torch.as_tensor(example_ids).detach()))
+
+    def flush(self) -> None:
+        """Enqueue everything :meth:`hold` kept, in order (every rank, after the optimizer step)."""
+        held, self._held = self._held, []
+        for vectors, ids in held:
+            self.enqueue(vectors, ids)
+
     @torch.no_grad()
     def enqueue(self, teacher_vectors: list[torch.Tensor], example_ids: torch.Tensor) -> None:
         """Append this step's global batch of teacher vectors (call on every rank, after the step).
 
         Args:
-            teacher_vectors: per layer, this rank's ``(B_local, F)`` pooled teacher vectors.
+            teacher_vectors: per layer, this rank's ``(B_local, F)`` pooled teacher vectors,
+                ``F <= dim`` (zero-padded to ``dim``).
             example_ids: ``(B_local,)`` non-negative dataset ids of those rows.
 
         The global batch (rank-major order) is gathered; global row j goes to slot
         ``(write_ptr + j) % size`` (oldest entries are overwritten) and each rank stores the
         slots it owns. Vectors are cast to the storage dtype (values past fp16 range become inf).
         """
-        ids = self._check_batch(teacher_vectors, example_ids)
+        teacher_vectors = self.fit(teacher_vectors)
+        ids = self._check_ids(example_ids, teacher_vectors[0].shape[0])
         sizes = self._batch_sizes(ids.numel())
         batch = sum(sizes)
         if batch > self.size:
@@ -189,25 +226,21 @@ class MemoryBank(nn.Module):
         for layer, vec in enumerate(teacher_vectors):
             rows = self._gather_rows(vec.detach().to(self.vectors), sizes, autograd=False)  # (B, F)
             self.vectors[layer, local] = rows[owned]
-        self._scoring_cache = None
         self.write_ptr.copy_((self.write_ptr + batch) % self.size)
         self.fill.clamp_(max=self.size - batch).add_(batch)
 
-    def _check_batch(self, vectors: list[torch.Tensor], example_ids: torch.Tensor) -> torch.Tensor:
-        if len(vectors) != self.num_layers:
-            raise UserError(f"memory bank has {self.num_layers} layers but got {len(vectors)} vector sets")
+    def _check_ids(self, example_ids: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         ids = torch.as_tensor(example_ids, device=self.ids.device).reshape(-1).long()
-        for vec in vectors:
-            if vec.dim() != 2 or vec.shape != (ids.numel(), self.dim):
-                raise UserError(f"memory bank expects ({ids.numel()}, {self.dim}) vectors per layer, "
-                                f"got {tuple(vec.shape)}")
+        if rows is not None and ids.numel() != rows:
+            raise UserError(f"memory bank got {ids.numel()} example ids for {rows} vectors")
         if ids.numel() and int(ids.min()) < 0:
             raise UserError("example ids given to the memory bank must be non-negative")
         return ids
 
     # ----------------------------------------------------------------------------- negatives
 
-    def sample_slots(self, positive_ids: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_slots(self, positive_ids: torch.Tensor, k: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, k)`` global slots, per row uniform without replacement over filled slots whose
         id differs from that row's id. Same ids + same generator state -> same slots on every rank.
 
@@ -227,87 +260,29 @@ class MemoryBank(nn.Module):
         keys.masked_fill_(~valid, 2.0)  # invalid slots sort after every uniform key in [0, 1)
         return keys.topk(k, dim=1, largest=False).indices
 
-    def negative_distance_sums(
-        self,
-        student_vectors: list[torch.Tensor],
-        example_ids: torch.Tensor,
-        k: int,
-        generator: torch.Generator | None = None,
-    ) -> tuple[list[torch.Tensor], int]:
-        """Per layer, ``(B_local,)`` sums over K bank negatives of g(n_k, z_S) = 1 - cos(n_k, z_S).
+    @torch.no_grad()
+    def draw(self, example_ids: torch.Tensor, k: int, generator: torch.Generator | None = None) -> BankNegatives:
+        """Draw K negatives for every positive of the global batch, once per micro-step.
 
         Args:
-            student_vectors: per layer, this rank's ``(B_local, F)`` projected, pooled student
-                vectors (with grad; computed in fp32).
-            example_ids: ``(B_local,)`` ids of those rows; a slot holding the same id is never drawn.
+            example_ids: ``(B_local,)`` ids of this rank's positives; a slot holding the same
+                id is never drawn.
             k: negatives per positive (UserError if the filled bank has too few).
             generator: see ``sample_slots``; must be in the same state on all ranks.
 
-        Returns ``(sums, k)``: ``sums[l][i]`` belongs to this rank's row i.
-
-        Every rank must call this (and later backward) in the same order. Positives of all
-        ranks are gathered (autograd all_gather), the global slots are drawn identically on
-        all ranks, each rank scores all positives against the drawn slots it owns, and the
-        partial sums are added with an autograd all_reduce; each rank keeps its own rows.
-        Results do not depend on world size.
-
-        Gradient convention: backward of the all_reduce sums the output gradients of all
-        ranks, and backward of the all_gather sums every rank's gradient for a rank's rows.
-        Rank r's student vectors therefore receive exactly dL_r/dz_r, where L_r is the loss
-        rank r builds from its own returned rows (no other rank's loss depends on them): the
-        same gradient a one-rank run gives those rows. Hence with L_r = mean over local rows
-        and DeepSpeed averaging gradients over ranks, the update equals a one-rank run on the
-        global batch with loss = mean over all global rows (equal local batch sizes). Do not
-        rescale the loss by the world size. All ranks must run backward through the result.
-
-        Memory: never forms (B, K, F). sum_k cos(z, n_k) = z_hat . sum_k n_hat_k, so each rank
-        builds Q = M @ N_hat, with M the (B_global, owned drawn slots) 0/1 selection and N_hat
-        the normalized owned rows (fp32, chunked by ``chunk_bytes``, no grad), and scores
-        ``count - (z_hat * Q).sum(1)``: working memory O(B_global * F) per layer.
+        A collective (gathers the ids): every rank calls it in the same order. The no-grad half
+        of the scoring happens here: for each global row, how many of its drawn slots this rank
+        owns and the sum of their normalized vectors per layer. The returned
+        :class:`BankNegatives` scores any number of student passes (the clean and the perturbed
+        one) against this one draw.
         """
-        ids = self._check_batch(student_vectors, example_ids)
         if k < 1:
             raise UserError(f"number of negatives must be at least 1, got {k}")
         if k > int(self.fill):
             raise UserError(f"asked for {k} negatives but the memory bank holds only {int(self.fill)} vectors")
+        ids = self._check_ids(example_ids)
         sizes = self._batch_sizes(ids.numel())
-        offset = sum(sizes[: self.rank])
-        with torch.no_grad():
-            ids_global = self._gather_rows(ids[:, None], sizes, autograd=False)[:, 0]  # (B,)
-            counts, directions = self._scoring_plan(ids_global, k, generator)
-
-        z_local = torch.stack([z.float() for z in student_vectors])  # (L, B_local, F)
-        z = self._gather_rows(z_local, sizes, autograd=True)  # (L, B, F)
-        z_hat = F.normalize(z, dim=-1, eps=_NORM_EPS)
-        partial = counts - (z_hat * directions).sum(-1)  # (L, B)
-        if self.world_size > 1:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                partial = torch.distributed.nn.functional.all_reduce(partial, group=self.group)
-        mine = partial[:, offset: offset + ids.numel()]
-        return list(mine.unbind(0)), k
-
-    @torch.no_grad()
-    def _scoring_plan(self, ids_global: torch.Tensor, k: int,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(counts (B,), directions (L, B, F))`` for this rank: how many of each row's drawn
-        negatives this rank owns, and the sum of their normalized vectors per layer.
-
-        A caller-supplied generator in the same state, the same global ids and k, and no
-        enqueue, load or other write to the bank since, give the same draw: the previous plan is returned instead of
-        normalizing and summing the owned rows again. Every rank takes the same branch (all
-        the inputs of the decision are identical across ranks) and neither branch communicates.
-        """
-        key = None
-        if generator is not None:
-            # the contents' version counters catch in-place writes that bypass enqueue
-            key = (k, self.chunk_bytes, generator.device.type, self.vectors._version, self.ids._version,
-                   generator.get_state(), ids_global.clone())
-            cached = self._scoring_cache
-            if cached is not None and cached[0][:5] == key[:5] and torch.equal(cached[0][5], key[5]) \
-                    and torch.equal(cached[0][6], key[6]):
-                generator.set_state(cached[2])  # leave the generator where a fresh draw would
-                return cached[1]
+        ids_global = self._gather_rows(ids[:, None], sizes, autograd=False)[:, 0]  # (B,)
         slots = self.sample_slots(ids_global, k, generator)  # (B, K)
         owned = slots % self.world_size == self.rank
         rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)[owned]
@@ -317,9 +292,12 @@ class MemoryBank(nn.Module):
         directions = torch.zeros(self.num_layers, select.shape[0], self.dim, device=select.device)
         for layer in range(self.num_layers):
             self._direction_sums(layer, local, select, directions[layer])
-        plan = (select.sum(1), directions)
-        self._scoring_cache = None if key is None else (key, plan, generator.get_state())
-        return plan
+        return BankNegatives(self, k, select.sum(1), directions, sizes)
+
+    def negative_distance_sums(self, student_vectors: list[torch.Tensor], example_ids: torch.Tensor, k: int,
+                               generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], int]:
+        """One pass scored against a fresh draw: ``draw(example_ids, k, generator)(student_vectors)``."""
+        return self.draw(example_ids, k, generator)(student_vectors)
 
     @torch.no_grad()
     def _direction_sums(self, layer: int, local: torch.Tensor, select: torch.Tensor, out: torch.Tensor) -> None:
@@ -352,7 +330,6 @@ class MemoryBank(nn.Module):
         if vectors is not None and vectors.shape != self.vectors.shape:
             raise UserError(f"memory bank checkpoint has shape {tuple(vectors.shape)} but this run expects "
                             f"{tuple(self.vectors.shape)} (layers, slots per rank, dim)")
-        self._scoring_cache = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -392,3 +369,56 @@ def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
     """Strided shards [(L, n, F)] * world -> (L, n * world, F); global slot = i * world + rank."""
     stacked = torch.stack(parts, dim=2)  # (L, n, world, F)
     return stacked.reshape(stacked.shape[0], -1, stacked.shape[-1])
+
+
+class BankNegatives:
+    """One draw of bank negatives (:meth:`MemoryBank.draw`); call it once per student pass.
+
+    ``negatives(student_vectors) -> (sums, k)``: per layer, ``(B_local,)`` sums over each
+    positive's K drawn negatives of g(n_k, z_S) = 1 - cos(n_k, z_S); ``sums[l][i]`` belongs to
+    this rank's row i. ``student_vectors`` are this rank's ``(B_local, F)`` projected, pooled
+    student vectors per layer (with grad; fp32 maths; zero-padded to the bank's ``dim``).
+
+    Every rank must call it (and later backward) in the same order. Positives of all ranks are
+    gathered (autograd all_gather), each rank scores them against the drawn slots it owns, and
+    the partial sums are added with an autograd all_reduce; each rank keeps its own rows.
+    Results do not depend on the world size.
+
+    Gradient convention: backward of the all_reduce sums the output gradients of all ranks,
+    and backward of the all_gather sums every rank's gradient for a rank's rows. Rank r's
+    student vectors therefore receive exactly dL_r/dz_r, where L_r is the loss rank r builds
+    from its own returned rows: the same gradient a one-rank run gives those rows. Hence with
+    L_r = mean over local rows and DeepSpeed averaging gradients over ranks, the update equals
+    a one-rank run on the global batch with loss = mean over all global rows (equal local
+    batch sizes). Do not rescale the loss by the world size.
+
+    Memory: never forms (B, K, F). sum_k cos(z, n_k) = z_hat . sum_k n_hat_k, so the draw
+    holds Q = M @ N_hat (M the (B_global, owned drawn slots) 0/1 selection, N_hat the
+    normalized owned rows) and a pass scores ``count - (z_hat * Q).sum(1)``: working memory
+    O(B_global * F) per layer.
+    """
+
+    def __init__(self, bank: MemoryBank, k: int, counts: torch.Tensor, directions: torch.Tensor,
+                 sizes: list[int]):
+        self.bank, self.k = bank, k
+        self.counts = counts  # (B,) drawn slots this rank owns, per global row
+        self.directions = directions  # (L, B, dim) sum of their normalized vectors
+        self.sizes = sizes  # local batch size of every rank
+        self.offset = sum(sizes[: bank.rank])
+
+    def __call__(self, student_vectors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        bank = self.bank
+        local_rows = self.sizes[bank.rank]
+        if any(z.shape[0] != local_rows for z in student_vectors):
+            raise UserError(f"memory bank negatives were drawn for {local_rows} rows but got "
+                            f"{[tuple(z.shape) for z in student_vectors]}")
+        z_local = torch.stack([z.float() for z in bank.fit(student_vectors)])  # (L, B_local, dim)
+        z = bank._gather_rows(z_local, self.sizes, autograd=True)  # (L, B, dim)
+        z_hat = F.normalize(z, dim=-1, eps=_NORM_EPS)
+        partial = self.counts - (z_hat * self.directions).sum(-1)  # (L, B)
+        if bank.world_size > 1:
+            with warnings.catch_warnings():  # the autograd collectives are marked deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                partial = torch.distributed.nn.functional.all_reduce(partial, group=bank.group)
+        mine = partial[:, self.offset: self.offset + local_rows]
+        return list(mine.unbind(0)), self.k

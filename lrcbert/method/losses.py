@@ -151,16 +151,18 @@ def combine(parts: dict[str, torch.Tensor], weights: LossWeights) -> tuple[torch
     """The one place loss weights are applied.
 
     Args:
-        parts: named unweighted terms; ``cos`` (intermediate), ``soft`` and ``hard``
-            are weighted by alpha, beta and gamma; a missing term counts as 0. A term
-            whose weight is 0 is not added at all (no NaN can leak in from it).
+        parts: named unweighted terms; the intermediate one (``cos`` for COS-NCE, ``mse``
+            for the hidden-state MSE ablation), ``soft`` and ``hard`` are weighted by alpha,
+            beta and gamma; a missing term counts as 0; other names (per-layer values) are
+            only logged. A term whose weight is 0 is not added at all (no NaN can leak in).
 
     Returns:
         (total, logs): total is the weighted fp32 scalar; logs holds every part plus
         ``total``, detached, for logging.
     """
     total = None
-    for name, weight in (("cos", weights.alpha), ("soft", weights.beta), ("hard", weights.gamma)):
+    for name, weight in (("cos", weights.alpha), ("mse", weights.alpha), ("soft", weights.beta),
+                         ("hard", weights.gamma)):
         term = parts.get(name)
         if term is None or weight == 0.0:
             continue
