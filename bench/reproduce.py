@@ -48,6 +48,8 @@ VARIANTS = {
                         ["--intermediate", "none", "--stage1_fraction", "0"]),
     "no_perturb": ("(d) no gradient perturbation", ["--perturb", "false"]),
     "no_two_stage": ("(e) no two-stage schedule (stage-2 weights throughout)", ["--stage1_fraction", "0"]),
+    "plain_ft": ("plain fine-tuning of the same student (cross-entropy only, no teacher term)",
+                 ["--intermediate", "none", "--stage1_fraction", "0", "--stage2_weights", "0:0:1", "--perturb", "false"]),
 }
 
 FULL = dict(seeds="1,2,3", train_samples=4000, eval_samples=-1, seq=64, micro_batch_size=8,
@@ -74,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", default=default_teacher(), help="pretrained encoder to fine-tune as the teacher")
     p.add_argument("--finetuned_teacher", default=None, help="an already fine-tuned teacher: skip step 1")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "reproduce"), help="results folder")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "plain_ft"),
+                   help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--quick", action="store_true", help="the CI setting: tiny budget and student, one seed")
     p.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
     p.add_argument("--skip_teacher_gate", action="store_true",

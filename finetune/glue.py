@@ -35,10 +35,11 @@ from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: 
 from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
 from lrcbert.method.objective import INTERMEDIATE_LOSSES, LRCObjective, ObjectiveConfig  # noqa: E402
-from lrcbert.method.schedule import (TwoStageSchedule, parse_weights, warmup_linear_decay,  # noqa: E402
-                                     warmup_steps_from)
+from lrcbert.method.schedule import (TwoStageSchedule, parse_weights, two_stage_lr,  # noqa: E402
+                                     warmup_linear_decay, warmup_steps_from)
 from lrcbert.models import (DistillStudent, build_student, check_positions, check_teacher_labels,  # noqa: E402
-                            count_parameters, export_hf, load_config, load_teacher, student_config_for)
+                            count_parameters, export_hf, init_regression_head, load_config, load_teacher,
+                            student_config_for)
 from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.runtime.checkpoints import check_output_dir, check_resume  # noqa: E402
 from lrcbert.runtime.ds_config import PRECISIONS, TrainerSettings, resolve_ds_config  # noqa: E402
@@ -78,7 +79,11 @@ class GlueArgs(SharedFlags):
     negatives: str = flag("negative source: other rows of the global batch", "batch", choices=["batch"])
     num_negatives: int = flag("K negatives per sample (capped at global batch - 1)", 15)
     teacher_gate: bool = flag("score the teacher on dev first and refuse one at chance level", True)
-    gate_margin: float = flag("the teacher must beat the best constant predictor by this much", 0.02)
+    gate_margin: float = flag("classification: the teacher must beat the best constant predictor by this much", 0.02)
+    gate_min_correlation: float = flag("regression (STS-B): the teacher's dev Pearson must reach this", 0.5)
+    lr_schedule: str = flag("per_stage: warm-up and linear decay within each loss stage (stage 2 trains the head "
+                            "at the full rate); whole_run: one warm-up and decay over the run", "per_stage",
+                            choices=["per_stage", "whole_run"])
     eval_steps: int = flag("evaluate on dev every N steps (0 = only at the end)", 0)
     save_steps: int = flag("checkpoint every N steps (0 = only at the end)", 500)
     resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest", False)
@@ -204,12 +209,15 @@ def gate_teacher(run: Run, task, teacher, encoded, args, pad_id) -> dict:
     first = task.dev_splits[0]
     score = results[first][task.primary_metric]
     chance = glue_metrics.chance_score(task, np.asarray(encoded[first].labels))
+    floor = args.gate_min_correlation if task.is_regression else chance + args.gate_margin
     if run.is_main:
-        print(f"teacher on {first}: {task.primary_metric} {score:.4f} (best constant predictor {chance:.4f})")
-    if args.teacher_gate and score < chance + args.gate_margin:
-        raise UserError(f"teacher {args.teacher} scores {task.primary_metric} {score:.4f} on {first}, "
-                        f"no better than a constant predictor ({chance:.4f}): is it fine-tuned for "
-                        f"{task.name}? (--teacher_gate false to override)")
+        print(f"teacher on {first}: {task.primary_metric} {score:.4f} (best constant predictor {chance:.4f}, "
+              f"gate {floor:.4f})")
+    if args.teacher_gate and score < floor:
+        why = (f"below --gate_min_correlation {floor:.4f}" if task.is_regression
+               else f"no better than a constant predictor ({chance:.4f})")
+        raise UserError(f"teacher {args.teacher} scores {task.primary_metric} {score:.4f} on {first}, {why}: "
+                        f"is it fine-tuned for {task.name}? (--teacher_gate false to override)")
     return results
 
 
@@ -232,6 +240,8 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     teacher = load_teacher(args.teacher, task_head=True, device=run.device) if distill else None
     student_hf = build_student(p.student_cfg, path=args.student if distill else args.teacher, task_head=True,
                                label_names=label_names)
+    if task.is_regression:  # a new head: start at the label mean, not 0
+        init_regression_head(student_hf, float(np.mean(p.encoded["train"].labels)))
     mapped = [s for s, _ in p.layer_map] if args.intermediate != "none" else []
     module = DistillStudent(student_hf, mapped, p.teacher_cfg.hidden_size)
     if run.is_main:
@@ -245,18 +255,22 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     teacher_results = gate_teacher(run, task, teacher, p.encoded, args, pad_id) if distill else None
 
     # ---- engine
+    schedule = TwoStageSchedule(p.total_steps, args.stage1_fraction,
+                                parse_weights(args.stage1_weights, "--stage1_weights"),
+                                parse_weights(args.stage2_weights, "--stage2_weights"))
     optimizer = build_optimizer(module, args.learning_rate, args.weight_decay)
-    lr_schedule = warmup_linear_decay(warmup_steps_from(args.warmup, p.total_steps), p.total_steps)
+    if distill and args.lr_schedule == "per_stage":
+        lr_schedule = two_stage_lr(args.warmup, p.total_steps, schedule.stage2_start)
+    else:
+        lr_schedule = warmup_linear_decay(warmup_steps_from(args.warmup, p.total_steps), p.total_steps)
     engine = Engine(module, optimizer, lr_schedule, p.ds_config)
+    run.seed_dropout(args.seed)
     micro_step = 0
     if args.resume:
         micro_step = int(run.resume(engine)["micro_step"])
         if run.is_main:
             print(f"resumed from step {engine.global_steps} ({micro_step} micro-batches consumed)")
 
-    schedule = TwoStageSchedule(p.total_steps, args.stage1_fraction,
-                                parse_weights(args.stage1_weights, "--stage1_weights"),
-                                parse_weights(args.stage2_weights, "--stage2_weights"))
     objective = LRCObjective(p.layer_map, ObjectiveConfig(args.pooling, args.intermediate, args.num_negatives,
                                                           args.temperature, task.is_regression))
     monitor = Monitor(os.path.join(args.output_dir, "tensorboard"), p.total_steps, engine.global_steps, run.is_main,

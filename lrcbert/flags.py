@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lrcbert.config import flag
 from lrcbert.method.losses import POOLING_MODES
-from lrcbert.method.perturb import PERTURB_MODES, PerturbConfig
+from lrcbert.method.perturb import EPSILON_DEFAULT, PERTURB_MODES, PerturbConfig
 from lrcbert.models import StudentShape
 
 
@@ -23,7 +23,9 @@ class SharedFlags:
     # the LRC-BERT objective
     pooling: str = flag("pooling of layer outputs for COS-NCE", "flatten", choices=POOLING_MODES)
     perturb: bool = flag("gradient perturbation on the student's embedding output", True)
-    epsilon: float = flag("perturbation radius: L2 norm of the shift per sample over (T, D)", 1.0)
+    epsilon: float = flag("perturbation radius: a share of each sample's embedding norm over its real tokens "
+                          "(with --epsilon_relative false: the L2 norm of the shift over (T, D))", EPSILON_DEFAULT)
+    epsilon_relative: bool = flag("--epsilon is relative to the sample's embedding norm", True)
     perturb_mode: str = flag("replace: train on L(e') only (paper); add: L(e) + L(e')", "replace",
                              choices=PERTURB_MODES)
     layer_map: str = flag("teacher layer per student layer, e.g. 3,6,9,12; auto = floor(i*N/M)", "auto")
@@ -42,11 +44,11 @@ class SharedFlags:
     dist_timeout: float = flag("seconds a collective may wait before the run fails", 1800.0)
 
     def __post_init__(self):
-        PerturbConfig(self.perturb, self.epsilon, self.perturb_mode)  # refuses a bad --epsilon or --perturb_mode
+        self.perturbation  # refuses a bad --epsilon or --perturb_mode  # noqa: B018
 
     @property
     def perturbation(self) -> PerturbConfig:
-        return PerturbConfig(self.perturb, self.epsilon, self.perturb_mode)
+        return PerturbConfig(self.perturb, self.epsilon, self.perturb_mode, self.epsilon_relative)
 
     @property
     def student_shape(self) -> StudentShape:

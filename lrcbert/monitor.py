@@ -11,6 +11,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 
+OWN_SECTIONS = ("repr/",)
+
+
 class Monitor:
     """Accumulates named scalars per micro-step and writes their means every ``log_steps``.
 
@@ -52,7 +55,9 @@ class Monitor:
             dist.all_reduce(means)
             means[:-2] /= dist.get_world_size()
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        scalars = {f"loss/{n}": float(v) for n, v in zip(names, means[:-2].tolist())}
+        # loss terms go under loss/; names that carry their own section (repr/...) keep it
+        scalars = {(n if n.startswith(OWN_SECTIONS) else f"loss/{n}"): float(v)
+                   for n, v in zip(names, means[:-2].tolist())}
         scalars["perf/samples_per_sec"] = float(means[-2]) / elapsed
         scalars["perf/tokens_per_sec"] = float(means[-1]) / elapsed
         scalars.update(extra)

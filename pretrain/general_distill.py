@@ -252,7 +252,7 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
     optimizer = build_optimizer(module, args.learning_rate, args.weight_decay)
     lr_schedule = warmup_linear_decay(warmup_steps_from(args.warmup, p.total_steps), p.total_steps)
     engine = Engine(module, optimizer, lr_schedule, p.ds_config)
-    torch.manual_seed(args.seed + run.rank)  # dropout differs per rank (initial weights came from rank 0)
+    run.seed_dropout(args.seed)
     micro_step = 0
     if args.resume:
         state = run.resume(engine)

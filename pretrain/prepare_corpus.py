@@ -18,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lrcbert.config import parse_args  # noqa: E402
-from lrcbert.data.corpus_build import CorpusConfig, prepare_corpus  # noqa: E402  no torch: spawned workers re-import this script
+# no torch below: the spawned tokenizer workers re-import this script
+from lrcbert.data.corpus_build import CorpusConfig, prepare_corpus  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 
 

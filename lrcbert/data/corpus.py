@@ -107,7 +107,8 @@ def check_compatible(manifest, tokenizer, max_seq_length: int) -> None:
         if made[key] != ours[key]:
             raise UserError(f"the corpus was tokenized with another tokenizer ({key}: corpus "
                             f"{made['name_or_path']} {made['class']} {made[key]}, this run "
-                            f"{ours['name_or_path']} {ours['class']} {ours[key]}); rebuild it with this run's tokenizer")
+                            f"{ours['name_or_path']} {ours['class']} {ours[key]}); "
+                            "rebuild it with this run's tokenizer")
     specials = special_token_ids(tokenizer)
     for key, value in specials.items():
         if manifest["special_tokens"].get(key) != value:

@@ -37,7 +37,7 @@ import os
 import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 from multiprocessing import get_context
 from typing import Iterable, Iterator
@@ -49,6 +49,7 @@ from lrcbert.data.corpus_format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NA
                                         special_token_ids, token_dtype, tokenizer_identity)
 from lrcbert.data.text import (INPUT_FORMATS, SPLITTER_VERSION, check_text_file, iter_documents, iter_hub_documents,
                                load_tokenizer, open_hub_dataset, resolve_format, split_sentences)
+from lrcbert.config import flag
 from lrcbert.errors import UserError
 from lrcbert.files import write_json_atomic
 
@@ -59,24 +60,22 @@ _ENCODE_BATCH = 2048  # sentences per backend encode call
 class CorpusConfig:
     """Tokenize a text corpus into memory-mapped shards for general distillation."""
 
-    output_dir: str = field(metadata={"help": "directory for the shards and manifest.json"})
-    tokenizer: str = field(metadata={"help": "the teacher's tokenizer directory (any Hugging Face fast tokenizer)"})
-    input: str = field(default="", metadata={"help": "comma-separated local text files, read in this order"})
-    input_format: str = field(default="auto", metadata={
-        "choices": INPUT_FORMATS,
-        "help": "raw / tokens: WikiText (.raw / .tokens); plain: one paragraph per line, blank line "
-                "between documents; auto: by file suffix (.raw, .tokens, else plain)"})
-    hub: str | None = field(default=None, metadata={"help": "a `datasets` hub name, e.g. wikimedia/wikipedia (streamed, "
-                                                            "`text` column; needs internet); instead of --input"})
-    hub_config: str | None = field(default=None, metadata={"help": "hub dataset config, e.g. 20231101.en"})
-    hub_split: str = field(default="train", metadata={"help": "hub dataset split"})
-    max_seq_length: int = field(default=128, metadata={"help": "tokens per sequence, [CLS] and [SEP] included"})
-    num_workers: int = field(default=1, metadata={"help": "tokenizer processes (1: tokenize in this process)"})
-    chars_per_shard: int = field(default=16_000_000, metadata={"help": "characters of text per shard "
-                                                                       "(the unit of work, memory and restart)"})
-    max_documents: int = field(default=0, metadata={"help": "stop after this many documents (0: all)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a corpus in --output_dir made with other settings"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    output_dir: str = flag("directory for the shards and manifest.json")
+    tokenizer: str = flag("the teacher's tokenizer directory (any Hugging Face fast tokenizer)")
+    input: str = flag("comma-separated local text files, read in this order", "")
+    input_format: str = flag("raw / tokens: WikiText (.raw / .tokens); plain: one paragraph per line, blank line "
+                             "between documents; auto: by file suffix (.raw, .tokens, else plain)", "auto",
+                             choices=INPUT_FORMATS)
+    hub: str | None = flag("a `datasets` hub name, e.g. wikimedia/wikipedia (streamed, `text` column; "
+                           "needs internet); instead of --input", None)
+    hub_config: str | None = flag("hub dataset config, e.g. 20231101.en", None)
+    hub_split: str = flag("hub dataset split", "train")
+    max_seq_length: int = flag("tokens per sequence, [CLS] and [SEP] included", 128)
+    num_workers: int = flag("tokenizer processes (1: tokenize in this process)", 1)
+    chars_per_shard: int = flag("characters of text per shard (the unit of work, memory and restart)", 16_000_000)
+    max_documents: int = flag("stop after this many documents (0: all)", 0)
+    overwrite: bool = flag("replace a corpus in --output_dir made with other settings", False)
+    progress: bool = flag("show a progress bar", True)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -229,9 +228,9 @@ def _check_config(config: CorpusConfig) -> list[dict]:
         raise UserError("give exactly one of --input FILES or --hub NAME")
     if config.input_format not in INPUT_FORMATS:
         raise UserError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}, got {config.input_format!r}")
-    for flag in ("max_seq_length", "num_workers", "chars_per_shard"):
-        if getattr(config, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(config, flag)}")
+    for name in ("max_seq_length", "num_workers", "chars_per_shard"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
     if config.max_documents < 0:
         raise UserError(f"--max_documents must be >= 0, got {config.max_documents}")
     if config.hub:

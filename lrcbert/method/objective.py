@@ -160,14 +160,22 @@ class LRCObjective:
             loss_scale: the fp16 loss scale, so the direction's gradient does not underflow.
         """
         mask = batch["attention_mask"]
+        last_hidden = {}
 
         def loss_of(forward: StudentForward = student, delta: torch.Tensor | None = None):
-            s_logits, _, embeddings, projected = forward(batch["input_ids"], mask, batch.get("token_type_ids"), delta)
+            s_logits, hidden, embeddings, projected = forward(batch["input_ids"], mask, batch.get("token_type_ids"),
+                                                              delta)
+            last_hidden["student"] = hidden[-1]
             total, logs = self(weights, mask, projected, teacher.hidden, teacher.vectors, negatives,
                                s_logits, teacher.logits, batch.get("labels"))
             return total, logs, embeddings
 
-        if not perturb.enabled:
-            return loss_of()[:2]
-        return perturbed_loss(loss_of, student, probe if probe is not None else student, perturb.epsilon,
-                              loss_scale, perturb.mode)
+        if perturb.enabled:
+            loss, logs = perturbed_loss(loss_of, student, probe if probe is not None else student, perturb.epsilon,
+                                        loss_scale, perturb.mode, attention_mask=mask, relative=perturb.relative)
+        else:
+            loss, logs = loss_of()[:2]
+        # collapse watch: every sentence mapped to one direction shows as a cosine near 1
+        logs["repr/student_cosine"] = losses.mean_pairwise_cosine(last_hidden["student"].detach(), mask)
+        logs["repr/teacher_cosine"] = losses.mean_pairwise_cosine(teacher.hidden[-1], mask)
+        return loss, logs

@@ -2,8 +2,12 @@
 
 1. forward the student on its embedding output e and compute L(e);
 2. g = dL/de (only w.r.t. e: no parameter gradient is produced);
-3. e' = e + epsilon * g / ||g||_2, the norm taken per sample over (T, D);
-4. forward again from e' and train on L(e') (or L(e) + L(e') with ``mode="add"``).
+3. e' = e + r * g / ||g||_2, the norm taken per sample over (T, D) of the real tokens, with
+   radius r = epsilon * ||e|| (relative, the default: the same share of every input whatever
+   its length, padding or LayerNorm gain) or r = epsilon (absolute);
+4. forward again from e' and train on L(e') (or L(e) + L(e') with ``mode="add"``). The
+   perturbed pass reuses the clean pass's dropout masks (the RNG state is rewound), so the
+   two passes differ by the shift alone.
 
 Step 2 uses ``torch.autograd.grad(..., inputs=e)``, which runs only the part of the
 graph between the loss and e: parameter ``.grad`` fields and ZeRO's gradient hooks
@@ -21,6 +25,7 @@ from torch import nn
 from lrcbert.errors import UserError
 
 PERTURB_MODES = ("replace", "add")
+EPSILON_DEFAULT = 0.01  # relative radius; docs/METHOD_NOTES.md ("Gradient perturbation") has the measurement
 
 
 @dataclass(frozen=True)
@@ -28,8 +33,9 @@ class PerturbConfig:
     """Gradient perturbation settings (``--perturb``, ``--epsilon``, ``--perturb_mode``)."""
 
     enabled: bool = True
-    epsilon: float = 1.0  # L2 norm of the shift per sample over (T, D)
+    epsilon: float = EPSILON_DEFAULT  # radius: a share of the sample's embedding norm (relative) or an L2 norm
     mode: str = "replace"  # replace: train on L(e') only (paper); add: L(e) + L(e')
+    relative: bool = True
 
     def __post_init__(self):
         if self.mode not in PERTURB_MODES:
@@ -39,16 +45,20 @@ class PerturbConfig:
 
 
 def perturbation_delta(loss: torch.Tensor, embeddings: torch.Tensor, epsilon: float,
-                       grad_scale: float = 1.0, retain_graph: bool = False) -> torch.Tensor | None:
+                       grad_scale: float = 1.0, retain_graph: bool = False,
+                       attention_mask: torch.Tensor | None = None, relative: bool = False) -> torch.Tensor | None:
     """epsilon * g / ||g|| with g = dL/de, per sample; None if g is not finite.
 
     Args:
         loss: scalar loss of the clean pass.
         embeddings: (B, T, D) embedding output the loss was computed from.
-        epsilon: perturbation radius.
+        epsilon: perturbation radius; with ``relative`` a fraction of each sample's embedding
+            norm over its real tokens (the shift is then the same share of the input for any
+            sentence length, padding and LayerNorm gain), otherwise an absolute L2 norm.
         grad_scale: multiplies the loss before differentiating (the fp16 loss scale, so
             small gradients do not underflow in half precision); the direction is unchanged.
         retain_graph: keep the clean graph (needed when the clean loss is also trained on).
+        attention_mask: (B, T); padding positions get no shift.
 
     Returns:
         (B, T, D) detached delta in the embeddings' dtype, or None when the gradient
@@ -58,8 +68,18 @@ def perturbation_delta(loss: torch.Tensor, embeddings: torch.Tensor, epsilon: fl
     grad = grad.to(torch.float32)  # direction maths in fp32: fp16 norms overflow
     if not torch.isfinite(grad).all():
         return None
+    shape = (-1, *([1] * (grad.dim() - 1)))
+    if attention_mask is not None:
+        real = attention_mask.to(torch.float32).reshape(*attention_mask.shape, *([1] * (grad.dim() - 2)))
+        grad = grad * real
     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
-    delta = epsilon * grad / norm.view(-1, *([1] * (grad.dim() - 1)))
+    radius = torch.full_like(norm, epsilon)
+    if relative:
+        e = embeddings.detach().to(torch.float32)
+        if attention_mask is not None:
+            e = e * real
+        radius = epsilon * e.flatten(1).norm(dim=1)
+    delta = (radius / norm).view(shape) * grad
     return delta.to(embeddings.dtype).detach()
 
 
@@ -111,8 +131,20 @@ class EmbeddingTap:
             self._handle = None
 
 
+def _rng_state() -> tuple:
+    """The generators dropout draws from: the CPU one and, on a GPU, the current device's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
 def perturbed_loss(loss_of, engine_forward, bare_forward, epsilon: float, loss_scale: float = 1.0,
-                   mode: str = "replace"):
+                   mode: str = "replace", *, attention_mask: torch.Tensor | None = None, relative: bool = False,
+                   same_dropout: bool = True):
     """Steps 1-4 for one micro-batch; returns (loss to backpropagate, named parts for logging).
 
     Args:
@@ -123,16 +155,23 @@ def perturbed_loss(loss_of, engine_forward, bare_forward, epsilon: float, loss_s
         bare_forward: the wrapped module itself. The clean pass only feeds dL/de, so it runs
             here: DeepSpeed hooks the wrapper's outputs and would run its gradient-reduction
             epilogue on that pass (ZeRO-3 still gathers parameters via per-submodule hooks).
-        epsilon, loss_scale, mode: as in :func:`perturbation_delta` and ``PERTURB_MODES``.
+        epsilon, loss_scale, mode, attention_mask, relative: as in :func:`perturbation_delta`
+            and ``PERTURB_MODES``.
+        same_dropout: rewind the RNG before the second pass, so it draws the clean pass's
+            dropout masks and the two passes differ by the shift alone.
 
     Logs hold the trained pass's parts, the clean pass's under ``clean/``, and
     ``perturb_skipped`` (1 when a non-finite direction fell back to an unperturbed pass), so
     every rank logs the same names.
     """
     keep_clean = mode == "add"
+    masks = _rng_state() if same_dropout else None
     clean, clean_logs, embeddings = loss_of(bare_forward, None)
-    delta = perturbation_delta(clean, embeddings, epsilon, loss_scale, retain_graph=keep_clean)
+    delta = perturbation_delta(clean, embeddings, epsilon, loss_scale, retain_graph=keep_clean,
+                               attention_mask=attention_mask, relative=relative)
     clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
+    if masks is not None:
+        _set_rng_state(masks)
     if delta is None:
         # the clean graph was freed by autograd.grad: run the unperturbed pass again through
         # the wrapper (every rank runs one more pass either way, so collectives stay matched)

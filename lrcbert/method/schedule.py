@@ -65,3 +65,24 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
 def warmup_steps_from(warmup: float, total_steps: int) -> int:
     """``--warmup`` below 1 is a fraction of the run, otherwise a step count."""
     return int(math.ceil(warmup * total_steps)) if warmup < 1 else int(warmup)
+
+
+def two_stage_lr(warmup: float, total_steps: int, stage2_start: int):
+    """LR multiplier with one warm-up + linear decay per loss stage.
+
+    Stage 2 (``stage2_start`` .. ``total_steps``) is the only stage that trains the prediction
+    layer; under one schedule for the whole run it would start at about a fifth of the peak and
+    get a few percent of the run's learning rate. Here each stage warms up to the peak (``warmup``
+    as a fraction of that stage's steps if < 1, else a step count) and decays to 0 at its end.
+    With no stage 2 (``stage2_start`` 0 or ``total_steps``) this is :func:`warmup_linear_decay`.
+    """
+    if stage2_start <= 0 or stage2_start >= total_steps:
+        return warmup_linear_decay(warmup_steps_from(warmup, total_steps), total_steps)
+    first = warmup_linear_decay(warmup_steps_from(warmup, stage2_start), stage2_start)
+    second_steps = total_steps - stage2_start
+    second = warmup_linear_decay(warmup_steps_from(warmup, second_steps), second_steps)
+
+    def factor(step: int) -> float:
+        return first(step) if step < stage2_start else second(step - stage2_start)
+
+    return factor

@@ -22,6 +22,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import torch
+
 from lrcbert.errors import UserError
 from lrcbert.files import write_json_atomic
 from lrcbert.runtime import hooks
@@ -115,6 +117,12 @@ class Run:
     @property
     def total_steps(self) -> int:
         return self.settings.total_steps
+
+    def seed_dropout(self, seed: int) -> None:
+        """Seed this rank's dropout apart from the others' (call once the engine holds the initial
+        weights, which every rank built from the same seed): ranks that drew the same masks would
+        train on correlated noise."""
+        torch.manual_seed(seed + self.rank)
 
     @property
     def is_main(self) -> bool:
