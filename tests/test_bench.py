@@ -11,8 +11,8 @@ import math
 
 import pytest
 
-from bench import bank_scoring, corpus_throughput, inference_speed, memory, step_efficiency
-from tests.helpers import timeout
+from bench import bank_scoring, corpus_throughput, inference_speed, memory, perturb_strength, step_efficiency
+from tests.helpers import offline_teacher_dir, timeout
 
 MACHINE_KEYS = {"cpu_model", "cpu_cores", "torch", "deepspeed", "loadavg_start", "loadavg_end", "command"}
 
@@ -125,3 +125,12 @@ def test_bank_scoring_times_a_draw_its_two_passes_and_fresh_draws(tmp_path, caps
     assert data["draw_ms"] > 0 and data["clean_pass_ms"] > 0 and data["perturbed_pass_ms"] > 0
     assert data["two_fresh_draws_ms"] > 0
     assert all(len(times) == data["repeats"] == 2 for times in data["per_repeat_ms"].values())
+
+
+@timeout(120)
+def test_perturb_strength_grows_with_the_radius(tmp_path, capsys):
+    # the offline encoder with a fresh head stands in for a fine-tuned teacher: the figures are
+    # a smoke test, their meaning needs a real one (BENCHMARKS.md)
+    data = run_quick(perturb_strength, "perturb_strength", tmp_path, capsys, ["--teacher", offline_teacher_dir()])
+    rises = [data["mean"][f"rise_rel_{e:g}"] for e in perturb_strength.RELATIVE]
+    assert data["mean"]["dropout_noise"] > 0 and rises[-1] > rises[0]
