@@ -42,7 +42,8 @@ from lrcbert.models import (DistillStudent, build_student, check_positions, chec
                             student_config_for)
 from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.runtime.checkpoints import check_output_dir, check_resume  # noqa: E402
-from lrcbert.runtime.ds_config import PRECISIONS, TrainerSettings, resolve_ds_config  # noqa: E402
+from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
+                                       resolve_ds_config)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
 from lrcbert.runtime.guards import check_finite_loss  # noqa: E402
 from lrcbert.runtime.ranks import env_rank, env_world_size, rank_and_world  # noqa: E402
@@ -126,9 +127,8 @@ def setup(args: GlueArgs) -> Prepared:
     check_precision_supported(args.precision)
     if args.resume:  # the data position is a per-rank micro-step count: only the saving world size continues it
         check_resume(os.path.join(args.output_dir, "checkpoints"), world, reshardable=False)
-    if args.stage == "distill" and args.perturb and ds_config["zero_optimization"].get("stage", 0) == 3:
-        raise UserError(f"{args.ds_config}: gradient perturbation needs dL/de, which ZeRO-3's module hooks hide "
-                        "from autograd in this DeepSpeed version; use ZeRO-1/2 (ds_configs/z2.json) or --perturb false")
+    if args.stage == "distill" and args.perturb:
+        check_perturbation_supported(ds_config, args.ds_config)
     teacher_cfg = load_config(args.teacher, "teacher")
     tokenizer = load_tokenizer(args.teacher)
     if args.stage == "distill":

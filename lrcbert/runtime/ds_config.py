@@ -89,6 +89,14 @@ def resolve_ds_config(path: str, settings: TrainerSettings) -> dict:
     return config
 
 
+def check_perturbation_supported(config: dict, path: str) -> None:
+    """Gradient perturbation needs dL/de, which ZeRO-3's module hooks hide from autograd in
+    DeepSpeed 0.19: refuse the combination before any process starts."""
+    if config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise UserError(f"{path}: gradient perturbation needs dL/de, which ZeRO-3's module hooks hide "
+                        "from autograd in this DeepSpeed version; use ZeRO-1/2 (ds_configs/z2.json) or --perturb false")
+
+
 def _walk(node, prefix=""):
     if isinstance(node, dict):
         for key, value in node.items():
