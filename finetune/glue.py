@@ -117,6 +117,8 @@ def setup(args: GlueArgs) -> Prepared:
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir not found: {args.data_dir}")
     check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError(f"--max_steps must be positive (or -1: from --num_epochs), got {args.max_steps}")
     for name in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")

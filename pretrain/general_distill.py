@@ -128,6 +128,8 @@ class Prepared:
 def setup(args: PretrainArgs) -> Prepared:
     """Everything that can fail on bad input, before any process group or model exists."""
     check_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError(f"--max_steps must be positive (or -1: from --num_epochs), got {args.max_steps}")
     for name in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length", "log_steps",
                  "num_negatives", "bank_size"):
         if getattr(args, name) < 1:

@@ -137,3 +137,15 @@ def test_existing_output_dir_is_never_reused(teachers, tmp_path, capsys):
 def test_global_batch_larger_than_the_data(teachers, tmp_path, capsys):
     code, err = run(capsys, *base(teachers, tmp_path / "o"), "--max_train_samples", "10")
     assert_one_line_error(code, err, "do not fill one global batch")
+
+
+@pytest.mark.parametrize("steps", ["-5", "0"])
+def test_a_step_count_that_is_not_positive_is_refused(teachers, tmp_path, capsys, steps):
+    code, err = run(capsys, *base(teachers, tmp_path / "o"), "--max_steps", steps)
+    assert_one_line_error(code, err, "--max_steps", steps)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_perturbation_radius_is_refused(teachers, tmp_path, capsys):
+    code, err = run(capsys, *base(teachers, tmp_path / "o"), "--epsilon", "0")
+    assert_one_line_error(code, err, "--epsilon")

@@ -559,3 +559,29 @@ def test_unreadable_corpus_shard_is_refused(corpus, tmp_path, capsys):
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: corpus ") and f"cannot read shard {shard.name}" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_launch_ports_a_lone_process_picks_a_free_one_and_a_taken_one_is_named(tmp_path, sst2_teacher):
+    # a one-process run needs no fixed port: 29500 held elsewhere must not stop it; a job whose
+    # launcher names a taken port gets one line saying which variable to set
+    import socket
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            held.bind(("127.0.0.1", 29500))  # the launchers' default port
+        except OSError:  # already held by someone else: the condition under test holds anyway
+            held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        args = glue_args(tmp_path / "alone", sst2_teacher, "--max_steps", "2")
+        alone = subprocess.run([sys.executable, "finetune/glue.py", *args], cwd=REPO, capture_output=True, text=True,
+                               env=env, timeout=300)
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        taken = subprocess.run([sys.executable, "finetune/glue.py", *glue_args(tmp_path / "taken", sst2_teacher)],
+                               cwd=REPO, capture_output=True, text=True, timeout=300,
+                               env=dict(env, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                        MASTER_PORT=port))
+    lines = [line for line in taken.stderr.splitlines() if line.startswith("error:")]
+    assert taken.returncode == 2 and len(lines) == 1 and port in lines[0] and "MASTER_PORT" in lines[0], taken.stderr

@@ -72,7 +72,13 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
         torch.cuda.set_device(env_local_rank())
     else:
         skip_cpu_shm_comm_build()
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:  # torch's DistNetworkError is a RuntimeError
+        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+            raise UserError(f"port {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is taken by "
+                            "another process; set MASTER_PORT (deepspeed --master_port) to a free port") from None
+        raise
 
 
 def build_optimizer(module: torch.nn.Module, learning_rate: float, weight_decay: float,

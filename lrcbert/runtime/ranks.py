@@ -8,6 +8,7 @@ Launchers: the deepspeed launcher and torchrun set RANK, WORLD_SIZE, LOCAL_RANK;
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -33,10 +34,17 @@ def export_launcher_env() -> None:
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:  # ranks of one job must agree on it; a lone process needs none in particular
+        os.environ["MASTER_PORT"] = str(_free_port()) if env_world_size() == 1 else "29500"
     for target, names in (("RANK", _RANK_VARS), ("WORLD_SIZE", _WORLD_VARS), ("LOCAL_RANK", _LOCAL_VARS)):
         if target not in os.environ:
             os.environ[target] = str(_first_env(names, "1" if target == "WORLD_SIZE" else "0"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env_rank() -> int:
