@@ -40,6 +40,7 @@ from lrcbert.method.schedule import (TwoStageSchedule, parse_weights, two_stage_
 from lrcbert.models import (DistillStudent, build_student, check_positions, check_teacher_labels,  # noqa: E402
                             count_parameters, export_hf, init_regression_head, load_config, load_teacher,
                             student_config_for)
+from lrcbert.model_card import command_line, write_model_card  # noqa: E402
 from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.runtime.checkpoints import check_output_dir, check_resume  # noqa: E402
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
@@ -336,6 +337,18 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     submissions = write_test_predictions(run, task, student_fwd, p.encoded, args, pad_id)
     if run.is_main:
         export_hf(state, "model.", student_hf.config, p.tokenizer, os.path.join(args.output_dir, "model"))
+        shape = student_hf.config
+        what = "LRC-BERT task distillation" if distill else "Teacher fine-tuning (cross-entropy)"
+        write_model_card(os.path.join(args.output_dir, "model"),
+                         title=f"{'LRC-BERT student' if distill else 'Teacher'} for GLUE {task.glue_name}",
+                         recipe=f"{what} on GLUE {task.glue_name}: {engine.global_steps} optimizer steps, global "
+                                f"batch {p.ds_config['train_batch_size']}, peak learning rate {args.learning_rate} "
+                                f"({args.lr_schedule if distill else 'whole_run'} schedule), max_seq_length "
+                                f"{args.max_seq_length}, {args.precision}; model {shape.num_hidden_layers} layers x "
+                                f"{shape.hidden_size} hidden; intermediate loss {args.intermediate}, gradient "
+                                f"perturbation {'epsilon ' + str(args.epsilon) if args.perturb else 'off'}.",
+                         command=command_line("finetune/glue.py"), teacher=args.teacher,
+                         parameters=count_parameters(student_hf), task=task, results=results, distilled=distill)
         payload = {"task": task.name, "stage": args.stage, "steps": engine.global_steps, **results}
         if teacher_results is not None:
             payload["teacher"] = teacher_results

@@ -66,6 +66,7 @@ from lrcbert.method.objective import LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.method.schedule import warmup_linear_decay, warmup_steps_from  # noqa: E402
 from lrcbert.models import (DistillStudent, build_student, check_positions, count_parameters, export_hf,  # noqa: E402
                             load_config, load_teacher, student_config_for)
+from lrcbert.model_card import command_line, write_model_card  # noqa: E402
 from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.runtime.checkpoints import check_output_dir, check_resume  # noqa: E402
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
@@ -323,6 +324,14 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
     if run.is_main:
         export_hf(state, "model.", student_hf.config, p.tokenizer, os.path.join(args.output_dir, "model"),
                   with_head=False)
+        write_model_card(os.path.join(args.output_dir, "model"), title="LRC-BERT general-distilled student",
+                         recipe=f"General distillation (COS-NCE on the mapped layers, {args.negatives} negatives, "
+                                f"K = {args.num_negatives}) on {len(p.corpus)} sequences of {args.corpus}: "
+                                f"{engine.global_steps} optimizer steps, global batch "
+                                f"{p.ds_config['train_batch_size']}, peak learning rate {args.learning_rate}, "
+                                f"max_seq_length {args.max_seq_length}, {args.precision}.",
+                         command=command_line("pretrain/general_distill.py"), teacher=args.teacher,
+                         parameters=count_parameters(student_hf))
         run.write_json("args.json", asdict(args))
         samples = (engine.global_steps - start_step) * p.ds_config["train_batch_size"]
         print(json.dumps({"steps": engine.global_steps, "samples_per_sec": round(samples / max(elapsed, 1e-9), 2),

@@ -151,3 +151,17 @@ def test_real_teacher_gate_refuses_an_untuned_encoder_then_fine_tunes(tmp_path):
     gate = launch("finetune/glue.py", glue_args("sst2", "SST-2", tmp_path / "gated2", out / "model", train=64,
                                                 dev=200, test=0), num_ranks=1)
     assert gate.returncode == 2 and "no better than a constant predictor" in gate.stderr, tail(gate)
+
+
+def test_exported_model_carries_a_model_card(sst2_student):
+    from huggingface_hub import ModelCard
+
+    _, teacher, out, _ = sst2_student
+    card = ModelCard.load(out / "model" / "README.md")
+    results = json.loads((out / "eval_results.json").read_text())
+    (metric,) = card.data.eval_results
+    assert (metric.metric_type, metric.metric_value) == ("accuracy", results["dev"]["accuracy"])
+    assert metric.dataset_config == "sst2" and metric.dataset_split == "validation"
+    assert card.data.pipeline_tag == "text-classification" and card.data.teacher == str(teacher / "model")
+    assert "finetune/glue.py" in card.text and "--max_steps 8" in card.text and "--local_rank" not in card.text
+    assert "fu2021lrcbert" in card.text

@@ -122,6 +122,16 @@ def two_rank_run(corpus, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ launcher runs
 
+def test_general_student_carries_a_model_card(two_rank_run):
+    from huggingface_hub import ModelCard
+
+    out, _ = two_rank_run
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.pipeline_tag == "feature-extraction" and not card.data.eval_results
+    assert "pretrain/general_distill.py" in card.text and f"--max_steps {RUN_STEPS}" in card.text
+    assert "General distillation" in card.text and "fu2021lrcbert" in card.text
+
+
 def test_two_rank_zero2_run_through_the_launcher(two_rank_run):
     from transformers import AutoModel
 
