@@ -1,8 +1,14 @@
-"""Rank-0 progress bar and TensorBoard scalars, with loss terms averaged over ranks."""
+"""Rank-0 progress bar and TensorBoard scalars, with loss terms averaged over ranks.
+
+On a terminal the progress is a tqdm bar; written to a file (sbatch output, ``> log``) it is a
+readable line every ``line_interval_s`` seconds and at the last step, instead of thousands of
+carriage-return updates.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import defaultdict
 
@@ -21,17 +27,23 @@ class Monitor:
     curves describe the global batch. Only rank 0 owns the writer and the bar.
     """
 
-    def __init__(self, log_dir: str | None, total_steps: int, initial_step: int, enabled: bool, desc: str):
+    def __init__(self, log_dir: str | None, total_steps: int, initial_step: int, enabled: bool, desc: str,
+                 line_interval_s: float = 30.0):
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.desc, self.total_steps, self.step = desc, total_steps, initial_step
+        self.line_interval_s = line_interval_s
+        self._line_start = (time.monotonic(), initial_step)
+        self._last_line = time.monotonic()
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(log_dir, exist_ok=True)
             # after a resume, TensorBoard drops what a killed run logged past the checkpoint
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=initial_step + 1 if initial_step else None)
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+            if sys.stderr.isatty():
+                self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
         self._samples = 0
@@ -72,10 +84,21 @@ class Monitor:
         return scalars
 
     def advance(self, postfix: dict[str, float] | None = None) -> None:
+        self.step += 1
         if self.bar is not None:
             if postfix:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
             self.bar.update(1)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self._last_line >= self.line_interval_s or self.step == self.total_steps):
+            self._last_line = now
+            start, first = self._line_start
+            rate = (self.step - first) / max(now - start, 1e-9)
+            left = (self.total_steps - self.step) / rate if rate > 0 else float("inf")
+            values = "".join(f", {k} {v:.4g}" for k, v in (postfix or {}).items())
+            print(f"{self.desc}: step {self.step}/{self.total_steps} ({100 * self.step / self.total_steps:.0f}%)"
+                  f"{values}, {rate:.2f} steps/s, {left / 60:.1f} min left", file=sys.stderr, flush=True)
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None:

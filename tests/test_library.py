@@ -271,3 +271,17 @@ def test_seed_everything_seeds_python_numpy_and_torch():
         seed_everything(7)
         draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
     assert draws[0] == draws[1]
+
+
+def test_progress_written_to_a_file_is_a_readable_line_not_carriage_returns(tmp_path, capsys):
+    from lrcbert.monitor import Monitor
+
+    monitor = Monitor(str(tmp_path / "tb"), total_steps=5, initial_step=0, enabled=True, desc="distill sst2",
+                      line_interval_s=0.0)
+    for _ in range(5):
+        monitor.advance({"loss": 1.5})
+    monitor.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("distill sst2")]
+    assert len(lines) == 5 and lines[-1].startswith("distill sst2: step 5/5 (100%), loss 1.5")
