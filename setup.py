@@ -11,6 +11,7 @@ setup(
         "torch>=2.1",
         "deepspeed>=0.14",
         "transformers>=4.40",
+        "huggingface-hub>=0.23",  # the model card (lrcbert/model_card.py)
         "datasets>=2.18",
         "tokenizers>=0.15",
         "sentencepiece>=0.1.99",
