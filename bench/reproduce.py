@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", default=default_teacher(), help="pretrained encoder to fine-tune as the teacher")
     p.add_argument("--finetuned_teacher", default=None, help="an already fine-tuned teacher: skip step 1")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "reproduce"), help="results folder")
-    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "plain_ft"),
+    p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--quick", action="store_true", help="the CI setting: tiny budget and student, one seed")
     p.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")

@@ -243,8 +243,8 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     teacher = load_teacher(args.teacher, task_head=True, device=run.device) if distill else None
     student_hf = build_student(p.student_cfg, path=args.student if distill else args.teacher, task_head=True,
                                label_names=label_names)
-    if task.is_regression:  # a new head: start at the label mean, not 0
-        init_regression_head(student_hf, float(np.mean(p.encoded["train"].labels)))
+    if task.is_regression:  # a new head: start at the label median (robust to a bad label), not 0
+        init_regression_head(student_hf, float(np.median(p.encoded["train"].labels)))
     mapped = [s for s, _ in p.layer_map] if args.intermediate != "none" else []
     module = DistillStudent(student_hf, mapped, p.teacher_cfg.hidden_size)
     if run.is_main:

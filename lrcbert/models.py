@@ -118,15 +118,15 @@ def build_student(config: PretrainedConfig, *, path: str | None = None, task_hea
     return model
 
 
-def init_regression_head(model: nn.Module, label_mean: float) -> None:
-    """Start a new regression head's output bias at the training labels' mean (STS-B: about 2.7),
+def init_regression_head(model: nn.Module, label_value: float) -> None:
+    """Start a new regression head's output bias at a typical training label (the recipe passes the median),
     so its first updates go into the correlation rather than into the offset."""
     head = getattr(model, "classifier", None)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
     if not linears or linears[-1].out_features != 1 or linears[-1].bias is None:
         raise UserError(f"{type(model).__name__} has no one-output linear regression head to initialize")
     with torch.no_grad():
-        linears[-1].bias.fill_(label_mean)
+        linears[-1].bias.fill_(label_value)
 
 
 def student_config_for(student: str | None, teacher_config: PretrainedConfig, shape: StudentShape,
