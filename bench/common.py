@@ -96,16 +96,32 @@ class Report:
         out.mkdir(parents=True, exist_ok=True)
         return out / f"{self.name}{suffix}"
 
-    def finish(self) -> dict:
+    def finish(self, plot=None) -> dict:
+        """Write NAME.json, then draw NAME.png with ``plot()`` when given: the figures are on
+        disk before the plot library is touched, and a missing one only skips the picture."""
         self.data["machine"]["loadavg_end"] = list(os.getloadavg())
         self.data["wall_s"] = round(time.time() - self.started, 1)
         with open(self.path(".json"), "w") as f:
             json.dump(self.data, f, indent=2)
             f.write("\n")
         self.say(f"wrote {self.path('.json')}")
+        if plot is not None:
+            if plotting_available():
+                plot()
+                self.say(f"wrote {self.path('.png')}")
+            else:
+                self.say("no plot: matplotlib is not installed (pip install matplotlib); the figures are in the JSON")
         if self.args.json:
             print(json.dumps(self.data))
         return self.data
+
+
+def plotting_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plot_bars(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> None:

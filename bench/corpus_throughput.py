@@ -155,11 +155,9 @@ def main(argv=None) -> int:
                f"{result['pipeline_tokens_over_bare_tokens']:.2f}x the bare pass's tokens; "
                f"2 workers / 1 worker: pipeline x{result['pipeline_scaling_2w_over_1w']:.2f}, "
                f"bare x{result['bare_scaling_2w_over_1w']:.2f} (this machine has {os.cpu_count()} cores, shared)")
-    plot_bars(report.path(".png"), "Corpus throughput on the same text (million characters / s)",
-              ["1 worker", "2 workers"],
-              {kind: [rows[f"{kind}_{w}w"]["chars_per_s"] / 1e6 for w in (1, 2)] for kind in ("bare", "pipeline")},
-              "M characters / s")
-    report.finish()
+    series = {kind: [rows[f"{kind}_{w}w"]["chars_per_s"] / 1e6 for w in (1, 2)] for kind in ("bare", "pipeline")}
+    report.finish(plot=lambda: plot_bars(report.path(".png"), "Corpus throughput on the same text (million "
+                                         "characters / s)", ["1 worker", "2 workers"], series, "M characters / s"))
     return 0
 
 

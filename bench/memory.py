@@ -243,9 +243,7 @@ def main(argv=None) -> int:
                    f"batch negatives {row['batch_negatives_wire_bytes'] / 2**30:7.2f} GiB, ZeRO-0/2/3 "
                    f"{row['zero0_wire_bytes'] / 2**20:.0f}/{row['zero2_wire_bytes'] / 2**20:.0f}/"
                    f"{row['zero3_wire_bytes'] / 2**20:.0f} MiB")
-    if results:
-        plot(report, results, scaling)
-    report.finish()
+    report.finish(plot=(lambda: plot(report, results, scaling)) if results else None)
     return 0
 
 

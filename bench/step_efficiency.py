@@ -265,10 +265,10 @@ def main(argv=None) -> int:
     # the headline: the task-distillation step as finetune/glue.py runs it (batch negatives)
     report.data["ratio"] = report.data["variants"]["batch_negatives"]["ratio"]
     names = list(variants)
-    plot_bars(report.path(".png"), f"One step, ms (teacher {args.teacher}, batch {args.batch_size}); "
-              f"reference {ref_ms:.0f} ms", [p.replace("_", "\n", 1) for p in PHASES],
-              {n: [report.data["variants"][n]["phases_ms"].get(p, 0.0) for p in PHASES] for n in names}, "ms")
-    report.finish()
+    title = f"One step, ms (teacher {args.teacher}, batch {args.batch_size}); reference {ref_ms:.0f} ms"
+    series = {n: [report.data["variants"][n]["phases_ms"].get(p, 0.0) for p in PHASES] for n in names}
+    report.finish(plot=lambda: plot_bars(report.path(".png"), title, [p.replace("_", "\n", 1) for p in PHASES],
+                                         series, "ms"))
     return 0
 
 

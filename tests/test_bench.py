@@ -134,3 +134,25 @@ def test_perturb_strength_grows_with_the_radius(tmp_path, capsys):
     data = run_quick(perturb_strength, "perturb_strength", tmp_path, capsys, ["--teacher", offline_teacher_dir()])
     rises = [data["mean"][f"rise_rel_{e:g}"] for e in perturb_strength.RELATIVE]
     assert data["mean"]["dropout_noise"] > 0 and rises[-1] > rises[0]
+
+
+@timeout(180)
+def test_a_missing_plot_library_keeps_the_figures(tmp_path):
+    """matplotlib is optional: without it the JSON is still written and the run succeeds."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    blocker = tmp_path / "site" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), str(REPO)]))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "inference_speed.py"), "--quick", "--no_bf16",
+                           "--out_dir", str(out)], capture_output=True, text=True, env=env, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no plot: matplotlib is not installed" in proc.stdout
+    assert json.loads((out / "inference_speed.json").read_text())["settings"]
+    assert not (out / "inference_speed.png").exists()
