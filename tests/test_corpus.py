@@ -264,6 +264,41 @@ def test_hub_rows_are_documents(bert, tmp_path, monkeypatch):
         build(tmp_path / "both", str(tmp_path / "x.txt"), hub="wikimedia/wikipedia")
 
 
+def write_hub_mirror(root: Path, config: str, rows: list[dict]) -> Path:
+    """A local copy of a hub dataset repository laid out like wikimedia/wikipedia: one folder
+    of parquet files per config, declared in the README's YAML header."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / config).mkdir(parents=True)
+    half = len(rows) // 2  # two files, so the stream crosses a file boundary
+    for i, part in enumerate((rows[:half], rows[half:])):
+        table = pa.table({key: [r[key] for r in part] for key in ("id", "url", "title", "text")})
+        pq.write_table(table, root / config / f"train-{i:05d}-of-00002.parquet")
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n  - split: train\n"
+                                    f"    path: {config}/train-*\n---\n")
+    return root
+
+
+def test_wikipedia_through_datasets_gives_the_text_file_shards(raw_file, tmp_path):
+    """The --hub path on a local dataset with wikimedia/wikipedia's schema (id, url, title,
+    text), opened by `datasets` in streaming mode, writes the same shards as the text-file
+    path given the same articles as a plain file."""
+    articles = [[p.strip() for p in doc] for doc in iter_documents(raw_file, "raw")]
+    assert len(articles) >= 3
+    rows = [{"id": str(i), "url": f"https://en.wikipedia.org/wiki?curid={i}", "title": doc[0][:40],
+             "text": "\n\n".join(doc) + "\n"} for i, doc in enumerate(articles)]
+    mirror = write_hub_mirror(tmp_path / "wikipedia", "20231101.en", rows)
+    plain = tmp_path / "articles.txt"
+    plain.write_text("\n\n".join("\n".join(doc) for doc in articles) + "\n", encoding="utf-8")
+
+    hub = build(tmp_path / "hub", "", hub=str(mirror), hub_config="20231101.en")
+    text = build(tmp_path / "text", str(plain), input_format="plain")
+    assert hub.manifest["num_shards"] > 1 and hub.manifest["num_sequences"] == text.manifest["num_sequences"]
+    assert shard_bytes(tmp_path / "hub") == shard_bytes(tmp_path / "text")
+    assert hub.manifest["inputs"] == [{"hub": str(mirror), "config": "20231101.en", "split": "train"}]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
