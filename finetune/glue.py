@@ -46,6 +46,7 @@ from lrcbert.runtime.checkpoints import check_output_dir, check_resume  # noqa: 
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
                                        resolve_ds_config)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
+from lrcbert.runtime import plan  # noqa: E402
 from lrcbert.runtime.guards import check_finite_loss  # noqa: E402
 from lrcbert.runtime.ranks import env_rank, env_world_size, rank_and_world  # noqa: E402
 from lrcbert.runtime.run import Run, RunSettings  # noqa: E402
@@ -110,6 +111,7 @@ class Prepared:
     encoded: dict[str, Encoded]
     order: TrainOrder
     total_steps: int
+    sizes: dict[str, int]  # rows per split
 
 
 def setup(args: GlueArgs) -> Prepared:
@@ -123,7 +125,7 @@ def setup(args: GlueArgs) -> Prepared:
     for name in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_length", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    world = env_world_size()
+    world = args.planned_world_size(env_world_size())
     settings = TrainerSettings(args.micro_batch_size, args.gradient_accumulation_steps, world,
                                args.max_grad_norm, args.precision)
     ds_config = resolve_ds_config(args.ds_config, settings)
@@ -147,17 +149,20 @@ def setup(args: GlueArgs) -> Prepared:
     for split in glue.available_splits(task, args.data_dir) if args.data_dir else []:
         if split not in splits and split != "train":
             splits[split] = glue.load_examples(task, args.data_dir, split, args.max_test_samples)
-    encoded = {name: encode(tokenizer, ex.text_a, ex.text_b, ex.labels, ex.index, args.max_seq_length)
-               for name, ex in splits.items()}
-    order = TrainOrder(len(encoded["train"]), args.micro_batch_size, world, env_rank(),
+    order = TrainOrder(len(splits["train"]), args.micro_batch_size, world, 0 if args.dry_run else env_rank(),
                        args.gradient_accumulation_steps, args.seed)
     if order.steps_per_epoch < 1:
-        raise UserError(f"{len(encoded['train'])} training examples do not fill one global batch of "
+        raise UserError(f"{len(splits['train'])} training examples do not fill one global batch of "
                         f"{settings.global_batch_size} (micro {args.micro_batch_size} x accumulation "
                         f"{args.gradient_accumulation_steps} x world {world})")
     epochs = args.num_epochs if args.num_epochs is not None else task.default_epochs
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(epochs * order.steps_per_epoch))
-    return Prepared(task, ds_config, teacher_cfg, student_cfg, tokenizer, layer_map, encoded, order, total_steps)
+    sizes = {name: len(ex) for name, ex in splits.items()}
+    encoded = None if args.dry_run else {  # a dry run counts rows and tokenizes nothing
+        name: encode(tokenizer, ex.text_a, ex.text_b, ex.labels, ex.index, args.max_seq_length)
+        for name, ex in splits.items()}
+    return Prepared(task, ds_config, teacher_cfg, student_cfg, tokenizer, layer_map, encoded, order, total_steps,
+                    sizes)
 
 
 # ------------------------------------------------------------------------------------ evaluate
@@ -229,8 +234,43 @@ def gate_teacher(run: Run, task, teacher, encoded, args, pad_id) -> dict:
 def main(argv=None) -> int:
     with Run() as run:  # first: a signal during start-up must not kill the job
         args = parse_args(GlueArgs, argv)
-        train(run, args, setup(args))
+        prepared = setup(args)
+        if args.dry_run:
+            print(plan.describe(dry_run_plan(args, prepared)), flush=True)
+        else:
+            train(run, args, prepared)
     return run.exit_status
+
+
+def dry_run_plan(args: GlueArgs, p: Prepared) -> plan.Plan:
+    distill = args.stage == "distill"
+    world = args.planned_world_size(env_world_size())
+    if distill:  # the student with its task head, plus the projections
+        trained = plan.trained_parameters(p.student_cfg, True, len(p.layer_map), p.teacher_cfg.hidden_size)
+        teacher = plan.count_on_meta(p.teacher_cfg, with_head=True)
+        layer_text = format_layer_map(p.layer_map, p.student_cfg.hidden_size, p.teacher_cfg.hidden_size)
+    else:
+        trained, teacher, layer_text = plan.count_on_meta(p.teacher_cfg, with_head=True), 0, ""
+    epochs = p.total_steps / p.order.steps_per_epoch
+    evals = ", ".join(f"{name} {n:,}" for name, n in p.sizes.items() if name != "train")
+    result = plan.Plan(
+        recipe=f"finetune/glue.py ({'task distillation' if distill else 'teacher fine-tuning'}, {p.task.name})",
+        world_size=world, micro_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, total_steps=p.total_steps,
+        max_seq_length=args.max_seq_length, precision=args.precision,
+        zero_stage=int(p.ds_config.get("zero_optimization", {}).get("stage", 0)), ds_config=p.ds_config,
+        layer_map_text=layer_text, trained_parameters=trained, teacher_parameters=teacher,
+        data_text=f"{epochs:.2f} epochs of {p.sizes['train']:,} training examples ({p.order.steps_per_epoch:,} "
+                  f"steps per epoch); evaluation rows: {evals or 'none'}")
+    width = p.teacher_cfg.hidden_size
+    negatives_dim = width * (args.max_seq_length if args.pooling == "flatten" else 1)
+    passes = 2 if args.perturb and args.perturb_mode == "add" else 1
+    activations = plan.activation_bytes(
+        p.student_cfg if distill else p.teacher_cfg, p.teacher_cfg if distill else None, args.micro_batch_size,
+        args.max_seq_length, args.precision, len(p.layer_map), negatives_dim if distill else 0,
+        args.micro_batch_size * world, passes if distill else 1)
+    plan.estimate_memory(result, activations)
+    return result
 
 
 def train(run: Run, args: GlueArgs, p: Prepared) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lrcbert.config import flag
+from lrcbert.errors import UserError
 from lrcbert.method.losses import POOLING_MODES
 from lrcbert.method.perturb import EPSILON_DEFAULT, PERTURB_MODES, PerturbConfig
 from lrcbert.models import StudentShape
@@ -42,9 +43,19 @@ class SharedFlags:
     overwrite_output_dir: bool = flag("allow an output dir that already holds a run", False)
     seed: int = flag("random seed (data order, initialization, dropout, negatives)", 42)
     dist_timeout: float = flag("seconds a collective may wait before the run fails", 1800.0)
+    dry_run: bool = flag("check everything, print the plan (batch math, steps, layer map, ds_config, memory per "
+                         "rank for each ZeRO stage) and exit before starting anything", False)
+    world_size: int = flag("with --dry_run: plan for this many ranks (0: the launcher's world size)", 0)
 
     def __post_init__(self):
         self.perturbation  # refuses a bad --epsilon or --perturb_mode  # noqa: B018
+        if self.world_size < 0 or (self.world_size and not self.dry_run):
+            raise UserError("--world_size plans a run with --dry_run; a real run takes its world size from the "
+                            f"launcher (got --world_size {self.world_size})")
+
+    def planned_world_size(self, launched: int) -> int:
+        """The world size to plan for: --world_size in a dry run, else the launcher's."""
+        return self.world_size if self.dry_run and self.world_size > 0 else launched
 
     @property
     def perturbation(self) -> PerturbConfig:

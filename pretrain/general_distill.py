@@ -73,6 +73,7 @@ from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_pertur
                                        resolve_ds_config)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
 from lrcbert.runtime.guards import check_finite_loss  # noqa: E402
+from lrcbert.runtime import plan  # noqa: E402
 from lrcbert.runtime.ranks import env_rank, env_world_size  # noqa: E402
 from lrcbert.runtime.run import Run, RunSettings  # noqa: E402
 
@@ -139,7 +140,8 @@ def setup(args: PretrainArgs) -> Prepared:
         raise UserError("give a positive --max_steps or --num_epochs")
     if args.save_steps < 0:
         raise UserError("--save_steps must be 0 (only at the end) or positive")
-    world, rank = env_world_size(), env_rank()
+    world = args.planned_world_size(env_world_size())
+    rank = 0 if args.dry_run else env_rank()
     settings = TrainerSettings(args.micro_batch_size, args.gradient_accumulation_steps, world,
                                args.max_grad_norm, args.precision)
     ds_config = resolve_ds_config(args.ds_config, settings)
@@ -222,8 +224,35 @@ def parse_flags(argv: list[str] | None = None) -> PretrainArgs:
 def main(argv: list[str] | None = None) -> int:
     with Run() as run:  # first: a signal during start-up must not kill the job
         args = parse_flags(argv)
-        train(run, args, setup(args))
+        prepared = setup(args)
+        if args.dry_run:
+            print(plan.describe(dry_run_plan(args, prepared)), flush=True)
+        else:
+            train(run, args, prepared)
     return run.exit_status
+
+
+def dry_run_plan(args: PretrainArgs, p: Prepared) -> plan.Plan:
+    world = args.planned_world_size(env_world_size())
+    batches = RankBatches(p.corpus, args.micro_batch_size, 0, world, args.seed)
+    epochs = p.total_steps * args.gradient_accumulation_steps / len(batches)
+    result = plan.Plan(
+        recipe="pretrain/general_distill.py (general distillation)", world_size=world,
+        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        total_steps=p.total_steps, max_seq_length=args.max_seq_length, precision=args.precision,
+        zero_stage=int(p.ds_config.get("zero_optimization", {}).get("stage", 0)), ds_config=p.ds_config,
+        layer_map_text=format_layer_map(p.layer_map, p.student_cfg.hidden_size, p.teacher_cfg.hidden_size),
+        trained_parameters=plan.trained_parameters(p.student_cfg, False, len(p.layer_map), p.teacher_cfg.hidden_size),
+        teacher_parameters=plan.count_on_meta(p.teacher_cfg, with_head=False),
+        bank_bytes_per_rank=p.bank_bytes_per_rank,
+        data_text=f"{epochs:.2f} epochs of {len(p.corpus):,} sequences ({len(batches):,} micro-batches per rank "
+                  "per epoch)")
+    passes = 2 if args.perturb and args.perturb_mode == "add" else 1
+    activations = plan.activation_bytes(p.student_cfg, p.teacher_cfg, args.micro_batch_size, args.max_seq_length,
+                                        args.precision, len(p.layer_map), p.bank_dim,
+                                        args.micro_batch_size * world, passes)
+    plan.estimate_memory(result, activations)
+    return result
 
 
 def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
