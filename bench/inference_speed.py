@@ -13,7 +13,11 @@ interleaved in one loop (median of repeats):
 - ``fast``: ``lrcbert.inference`` (SDPA attention, ``torch.inference_mode``, length-bucketed
   batches, no attention mask when nothing is padded);
 - ``fast_bf16``: the fast path with bf16 weights and activations (this CPU has AVX512-BF16);
-- ``compiled`` (with ``--compile``): the fast path under ``torch.compile``.
+- ``compiled`` (with ``--compile``): the fast path under ``torch.compile``;
+- ``onnx_fp32`` and ``onnx_int8``: the models exported by ``lrcbert.export`` (``lrcbert-export``)
+  and run by ONNX Runtime with the same length-bucketed batches and as many threads as torch
+  (skipped with ``--no_onnx`` or without onnxruntime). ``int8_student_over_pytorch_student`` is
+  the int8 student's speed over the fp32 PyTorch fast path's student.
 
 FLOPs are counted analytically (matmuls only: 2 * weights per token plus attention
 4 * T * d per token per layer), parameters with ``numel``.
@@ -40,6 +44,8 @@ from lrcbert.inference import load_classifier_for_inference, predict_encoded  # 
 from lrcbert.models import StudentShape, count_parameters, student_config, with_labels  # noqa: E402
 
 GOAL_SPEEDUP = 16.0
+GOAL_SPEEDUP_BATCH1 = 14.0  # same-runtime student/teacher at batch 1
+GOAL_INT8_OVER_PYTORCH = 2.0  # the int8 ONNX student against the fp32 PyTorch student
 
 
 def encoder_flops(config, lengths: list[int]) -> float:
@@ -51,6 +57,12 @@ def encoder_flops(config, lengths: list[int]) -> float:
         total += t * per_token_linear + layers * 4 * t * t * d  # QK^T and AV: 2 * 2 * T * d per token
         total += 2 * (d * d + d * config.num_labels)  # pooler and classifier on [CLS]
     return total
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
 
 
 def save_models(tmp: str) -> tuple[str, str]:
@@ -104,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
     parser.add_argument("--no_bf16", action="store_true", help="skip the bf16 fast path")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime fp32/int8 paths")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     if args.threads > 0:
@@ -134,6 +147,15 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
                                                                                       ("student", student_dir))}
         for model in models["compiled"].values():
             model.forward = torch.compile(model.forward, dynamic=True)
+    if not args.no_onnx and onnx_available():
+        from lrcbert.export import OnnxClassifier, export_onnx, quantize_int8
+
+        for role, path in (("teacher", teacher_dir), ("student", student_dir)):
+            paths = export_onnx(path, os.path.join(tmp, f"{role}_onnx"))
+            quantize_int8(paths.fp32, paths.int8)
+            threads = torch.get_num_threads()
+            models.setdefault("onnx_fp32", {})[role] = OnnxClassifier(paths.fp32, threads)
+            models.setdefault("onnx_int8", {})[role] = OnnxClassifier(paths.int8, threads)
     t_cfg, s_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_dir)
     t_params, s_params = count_parameters(models["fast"]["teacher"]), count_parameters(models["fast"]["student"])
     report.data.update({"teacher": {"config": "bert-base (12x768, 3072, 12 heads)",
@@ -147,6 +169,8 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
         model = models[path][role]
         if path == "plain":
             return lambda: plain_predict(model, setting["rows"], pad_id, setting["batch_size"])
+        if path.startswith("onnx"):
+            return lambda: model.predict_encoded(setting["rows"], None, pad_id, setting["batch_size"])
         return lambda: predict_encoded(model, setting["rows"], None, pad_id, setting["batch_size"])
 
     results = []
@@ -172,6 +196,8 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
         # headline fields: the fast path (the one lrcbert.inference gives a user)
         row.update({k: row["fast"][k] for k in ("teacher_ms", "student_ms", "speedup")})
         row["fast_over_plain"] = {r: row["plain"][f"{r}_ms"] / row["fast"][f"{r}_ms"] for r in ("teacher", "student")}
+        if "onnx_int8" in models:
+            row["int8_student_over_pytorch_student"] = row["fast"]["student_ms"] / row["onnx_int8"]["student_ms"]
         results.append(row)
         report.say(f"{setting['name']:>22}: " + "; ".join(
             f"{p} teacher {row[p]['teacher_ms']:.1f} ms, student {row[p]['student_ms']:.1f} ms, "
@@ -179,6 +205,17 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
     report.data["settings"] = results
     report.data["goal_speedup"] = GOAL_SPEEDUP
     report.data["goal_met"] = {r["setting"]: r["speedup"] >= GOAL_SPEEDUP for r in results}
+    if "onnx_int8" in models:  # the ONNX goals: same-runtime speedups and int8 over PyTorch fp32
+        report.data["onnx_goals"] = {
+            r["setting"]: {"same_runtime_speedup_fp32": r["onnx_fp32"]["speedup"],
+                           "same_runtime_speedup_int8": r["onnx_int8"]["speedup"],
+                           "goal_speedup": GOAL_SPEEDUP_BATCH1 if r["batch_size"] == 1 else GOAL_SPEEDUP,
+                           "int8_student_over_pytorch_student": r["int8_student_over_pytorch_student"],
+                           "goal_int8_over_pytorch": GOAL_INT8_OVER_PYTORCH} for r in results}
+        for name, g in report.data["onnx_goals"].items():
+            report.say(f"{name:>22}: ONNX Runtime student/teacher fp32 x{g['same_runtime_speedup_fp32']:.1f}, int8 "
+                       f"x{g['same_runtime_speedup_int8']:.1f} (goal x{g['goal_speedup']:.0f}); int8 student over "
+                       f"PyTorch fp32 student x{g['int8_student_over_pytorch_student']:.2f} (goal x2)")
     series = {**{f"{p} speedup": [r[p]["speedup"] for r in results] for p in models},
               "FLOP ratio": [r["flop_ratio"] for r in results]}
     report.finish(plot=lambda: plot_bars(report.path(".png"), "Teacher / student time (higher = student faster)",
