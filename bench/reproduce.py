@@ -80,10 +80,12 @@ ROWS = {
 }
 TASKS = ("sst2", "cola", "stsb", "rte")
 
-FULL = dict(lrs="5e-5,1e-4,3e-4", seeds="2,3,4", train_samples=4000, eval_samples=-1, seq=64, micro_batch_size=8,
+FULL = dict(lrs="5e-5,1e-4,3e-4", teacher_lrs="", seeds="2,3,4", train_samples=4000, eval_samples=-1, seq=64,
+            micro_batch_size=8,
             teacher_micro_batch_size=16, teacher_steps=150, student_steps=400, curve_eval_steps=50,
             student_layers=4, student_hidden=312, student_intermediate=1200, student_heads=12, ranks=2)
-QUICK = dict(lrs="1e-3", seeds="", train_samples=256, eval_samples=128, seq=32, micro_batch_size=8,
+QUICK = dict(lrs="1e-3", teacher_lrs="", seeds="", train_samples=256, eval_samples=128, seq=32,
+             micro_batch_size=8,
              teacher_micro_batch_size=8, teacher_steps=20, student_steps=8, curve_eval_steps=4,
              student_layers=2, student_hidden=64, student_intermediate=128, student_heads=4, ranks=1)
 
@@ -114,13 +116,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
     p.add_argument("--ds_config", default="ds_configs/z2.json")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed per run")
+    what = {"lrs": "learning-rate grid of every row; ", "teacher_lrs": "the teacher's grid (empty: --lrs); ",
+            "seeds": "seeds run at the chosen rate after selection seed 1; "}
     for key, value in FULL.items():
-        p.add_argument(f"--{key}", type=type(value), default=None, help=f"default {value} (--quick: {QUICK[key]})")
+        p.add_argument(f"--{key}", type=type(value), default=None,
+                       help=f"{what.get(key, '')}default {value!r} (--quick: {QUICK[key]!r})")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.lrs = [float(v) for v in _csv(args.lrs)]
+    args.teacher_lrs = [float(v) for v in _csv(args.teacher_lrs)] or args.lrs  # empty: the rows' grid
     args.seeds = [int(v) for v in _csv(args.seeds)]
     args.rows = _csv(args.rows)
     unknown = [r for r in args.rows if r not in ROWS]
@@ -288,7 +294,8 @@ def write_outputs(args, state: dict, command: str) -> str:
              f"{args.student_steps} steps of global batch {args.micro_batch_size * args.ranks} "
              f"({args.ranks} ranks), {args.train_samples} training examples, seq {args.seq}; teacher "
              f"{args.teacher_steps} steps of batch {args.teacher_micro_batch_size * args.ranks}. "
-             f"Grid {args.lrs} with seed {SELECTION_SEED}, then seeds {args.seeds} at the chosen rate.", ""]
+             f"Grid {args.lrs} (teacher {args.teacher_lrs}) with seed {SELECTION_SEED}, then seeds {args.seeds} "
+             "at the chosen rate.", ""]
     for task, t in state["tasks"].items():
         metric = t["metric"]
         lines += [f"### {task} (dev {metric}; chance {t['chance']:.4f})", "",
@@ -396,7 +403,7 @@ def run_task(args, task: str, state: dict, command: str, curves: dict) -> None:
             lr = chosen("teacher")
             teacher_dir = str(args.out_path / task / "teacher" / f"lr{lr:g}" / f"seed{SELECTION_SEED}" / "model")
             print(f"[{task}] teacher: lr {lr:g}, dev {metric} {t['runs']['teacher'][str(lr)]}", flush=True)
-        for lr in args.lrs:
+        for lr in args.teacher_lrs if name == "teacher" else args.lrs:
             out = args.out_path / task / name / f"lr{lr:g}" / f"seed{SELECTION_SEED}"
             print(f"[{task}] {name}, lr {lr:g}, seed {SELECTION_SEED}", flush=True)
             record(name, lr, SELECTION_SEED, run_once(args, out, row_command(
