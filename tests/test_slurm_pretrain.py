@@ -245,37 +245,49 @@ GLUE_FLAGS = ["--max_steps", "3", "--max_train_samples", "48", "--max_eval_sampl
               "--teacher_gate", "false", "--save_steps", "0", "--log_steps", "1"]
 
 
-def submit_pipeline(cluster, env: dict[str, str], *args: str) -> tuple[int, int]:
+def submit_pipeline(cluster, env: dict[str, str], *args: str) -> tuple[int, int, int]:
     proc = cluster.run(["bash", str(REPO / "slurm" / "submit_pipeline.sh"), *args], env=env, cwd="/")
-    m = re.search(r"pretrain job (\d+); GLUE sweep job (\d+)", proc.stdout)
+    m = re.search(r"pretrain job (\d+); GLUE sweep job (\d+) .*; collect job (\d+)", proc.stdout, re.S)
     assert m, proc.stdout + proc.stderr
-    return int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
 @pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"GLUE SST-2 not found under {GLUE}")
-@timeout(300)
-def test_pipeline_runs_the_sweep_after_pretraining(one_node, corpus, teacher, tmp_path):
+@timeout(420)
+def test_pipeline_runs_the_sweep_after_pretraining_and_collects_it(one_node, corpus, teacher, tmp_path):
     out = tmp_path / "general"
     make_tiny_sst2_teacher(tmp_path / "teachers" / "sst2" / "model", teacher)
     env = job_env(one_node, out, write_config(tmp_path / "tiny.json", max_steps=4), teacher, corpus,
-                  GLUE_DIR=GLUE, TEACHER_ROOT=tmp_path / "teachers", TASKS="sst2", LRS="3e-4",
+                  GLUE_DIR=GLUE, TEACHER_ROOT=tmp_path / "teachers", TASKS="sst2", LRS="3e-4", SEEDS="1 2",
+                  LEADERBOARD_ZIP=tmp_path / "glue.zip",
                   PRETRAIN_SBATCH=f"--nodes 1 --ntasks-per-node 1 -o {tmp_path}/pretrain.out",
-                  SWEEP_SBATCH=f"-o {tmp_path}/sweep-%A_%a.out")
-    pre, sweep = submit_pipeline(one_node, env, "--log_steps", "2", "--", *GLUE_FLAGS)
+                  SWEEP_SBATCH=f"-o {tmp_path}/sweep-%A_%a.out", COLLECT_SBATCH=f"-o {tmp_path}/collect.out")
+    pre, sweep, gather = submit_pipeline(one_node, env, "--log_steps", "2", "--", *GLUE_FLAGS)
     info = one_node.job_info(sweep)
     assert info["Dependency"].startswith(f"afterok:{pre}"), info
-    assert info["ArrayTaskId"] == "0" and info["JobState"] == "PENDING", info
+    assert info["ArrayTaskId"] == "0-1" and info["JobState"] == "PENDING", info
+    assert one_node.job_info(gather)["Dependency"].startswith(f"afterany:{sweep}")
     assert one_node.wait(pre, timeout=180) == "COMPLETED", read(tmp_path / "pretrain.out")
-    sweep_log = tmp_path / f"sweep-{sweep}_0.out"
-    assert one_node.wait(sweep, timeout=180) == "COMPLETED", read(sweep_log) + one_node.logs()
+    logs = [tmp_path / f"sweep-{sweep}_{i}.out" for i in (0, 1)]
+    # the collect job starts once every element has ended: then the whole array is done
+    assert one_node.wait(gather, timeout=300) == "FAILED", "".join(read(p) for p in logs) + one_node.logs()
     pre_info, info = one_node.job_info(pre), one_node.job_info(sweep)
     assert info["StartTime"] >= pre_info["EndTime"], (pre_info, info)  # ISO timestamps compare as strings
-    assert "array element 0: task sst2, learning rate 3e-4" in read(sweep_log)
-    run = out / "glue" / "sst2" / "lr3e-4"
-    results = json.loads((run / "eval_results.json").read_text())
-    assert 0.0 <= results["dev"]["accuracy"] <= 1.0, results
-    args = json.loads((run / "args.json").read_text())
-    assert args["student"] == str(out / "model") and args["learning_rate"] == 3e-4 and args["task"] == "sst2"
+    for i, log in enumerate(logs):
+        assert f"array element {i}: task sst2, learning rate 3e-4, seed {i + 1}" in read(log)
+        run = out / "glue" / "sst2" / "lr3e-4" / f"seed{i + 1}"
+        results = json.loads((run / "eval_results.json").read_text())
+        assert 0.0 <= results["dev"]["accuracy"] <= 1.0, results
+        args = json.loads((run / "args.json").read_text())
+        assert args["student"] == str(out / "model") and args["learning_rate"] == 3e-4 and args["seed"] == i + 1
+    # the collect job: the table of both seeds; no leaderboard zip from one task (it fails)
+    assert "error: not writing a leaderboard zip: missing CoLA.tsv" in read(tmp_path / "collect.out")
+    assert not (tmp_path / "glue.zip").exists()
+    table = json.loads((out / "glue" / "glue_table.json").read_text())
+    accuracies = [json.loads((out / "glue" / "sst2" / "lr3e-4" / f"seed{s}" / "eval_results.json").read_text())
+                  ["dev"]["accuracy"] for s in (1, 2)]
+    assert table["tasks"]["sst2"]["seeds"] == [1, 2] and table["tasks"]["sst2"]["lr"] == 3e-4
+    assert table["tasks"]["sst2"]["metrics"]["dev"]["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
 
 
 @timeout(120)
@@ -283,7 +295,7 @@ def test_pipeline_sweep_never_starts_after_failed_pretraining(one_node, corpus, 
     env = job_env(one_node, tmp_path / "general", write_config(tmp_path / "tiny.json"), teacher,
                   tmp_path / "no-such-corpus", GLUE_DIR=GLUE, TEACHER_ROOT=tmp_path / "teachers",
                   PRETRAIN_SBATCH=f"--nodes 1 --ntasks-per-node 1 -o {tmp_path}/pretrain.out")
-    pre, sweep = submit_pipeline(one_node, env)
+    pre, sweep, gather = submit_pipeline(one_node, env)
     assert one_node.wait(pre, timeout=90) == "FAILED"
     assert "error: --corpus directory not found" in read(tmp_path / "pretrain.out")
     deadline = time.monotonic() + 20
@@ -292,3 +304,4 @@ def test_pipeline_sweep_never_starts_after_failed_pretraining(one_node, corpus, 
         time.sleep(0.3)
     assert one_node.job_state(sweep) == "PENDING"  # never runs; teardown cancels it
     one_node.scancel(sweep)
+    one_node.scancel(gather)
