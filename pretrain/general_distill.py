@@ -316,7 +316,7 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
         if use_bank:  # one draw scores the clean and the perturbed pass
             negatives = bank.draw(batch["rows"], args.num_negatives, bank.make_generator(micro_step))
         else:
-            negatives = objective.batch_negatives(t.vectors, negative_generator(args.seed, micro_step, run.rank))
+            negatives = objective.batch_negatives(t.vectors, negative_generator(args.seed, micro_step))
         loss, logs = objective.step(engine, batch, t, COS_ONLY, negatives, perturb=args.perturbation,
                                     probe=engine.module, loss_scale=engine.loss_scale)
         check_finite_loss(loss, engine.global_steps, micro_step, batch["rows"].tolist, what="corpus sequences")
