@@ -65,10 +65,22 @@ from torch import nn
 from lrcbert.errors import UserError
 
 _NORM_EPS = 1e-6
+DEFAULT_GROUPS = 64  # the recipe's --bank_groups default; see resolve_groups
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, step) pairs
 _REPLICATED = ("ids", "group_ptr", "group_fill", "fill", "sample_step", "seed", "groups")
 _SHARD_KEYS = ("vectors", *_REPLICATED, "cursor", "shard")
-DEFAULT_GROUPS = 64
+
+
+def resolve_groups(size: int, groups: int, k: int) -> int:
+    """The number of groups to use: ``groups`` if it divides ``size`` into groups of more than
+    ``k`` slots, else the largest smaller number that does (at least 1). Independent of the
+    world size, so a checkpoint can be resumed at any world size that divides the result."""
+    if groups < 1:
+        raise UserError(f"--bank_groups must be at least 1, got {groups}")
+    for candidate in range(min(groups, size), 0, -1):
+        if size % candidate == 0 and size // candidate > k:
+            return candidate
+    return 1  # size <= k: validate() names the problem
 
 
 class MemoryBank(nn.Module):
@@ -81,7 +93,9 @@ class MemoryBank(nn.Module):
         rank, world_size: this rank in the data-parallel group ``group`` (default: WORLD).
         dtype: storage dtype (fp16, bf16 or fp32); maths is always fp32.
         device: where the shard lives (the student's device for NCCL).
-        groups: fixed groups of ``size // groups`` slots; ``world_size`` must divide it.
+        groups: fixed groups of ``size // groups`` slots; ``world_size`` must divide it
+            (default: ``world_size``, one group per rank; the recipe's ``--bank_groups`` picks a
+            number that does not depend on the world size, so that a run can be resumed at another).
         seed: seeds negative sampling; must be equal on all ranks.
         chunk_bytes: bound on the fp32 working copy of stored vectors (scoring is chunked).
 
@@ -102,12 +116,13 @@ class MemoryBank(nn.Module):
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         *,
-        groups: int = 1,
+        groups: int | None = None,
         seed: int = 0,
         group: dist.ProcessGroup | None = None,
         chunk_bytes: int = 256 * 2**20,
     ) -> None:
         super().__init__()
+        groups = world_size if groups is None else groups
         if num_layers < 1 or size < 1 or dim < 1 or groups < 1:
             raise UserError(f"memory bank needs positive num_layers, size, dim and groups, got {num_layers}, "
                             f"{size}, {dim}, {groups}")
