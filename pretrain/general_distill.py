@@ -12,11 +12,16 @@ bank) -> checkpoint -> export. The student in ``OUTPUT_DIR/model`` is a plain en
 
 Choices of ours (the paper gives no general-distillation recipe beyond "COS-NCE on Wikipedia"):
 - The loss is COS-NCE summed over the mapped layers; no prediction-layer loss (alpha = 1).
-- ``--negatives bank`` (default): K negatives per sample from the sharded FIFO memory bank
-  of pooled teacher vectors of earlier steps (MoCo-style), never the sample's own corpus
-  row. Until the bank holds K + 1 vectors (the first ceil((K + 1) / global batch) steps)
-  negatives come from the other rows of the global micro-batch, K capped at its size - 1;
-  ``bank/in_use`` in TensorBoard shows which source a step used.
+- ``--negatives bank`` (default): K negatives per sample from the sharded memory bank of
+  pooled teacher vectors of earlier steps (MoCo-style), never the sample's own corpus row.
+  The bank is ``--bank_groups`` FIFO groups (group g on rank g % world; rows stay on the rank
+  that produced them) and a sample's K negatives come from one group, so the bytes a rank
+  moves per step do not grow with the world size. Until some group holds K + 1 vectors
+  (about ceil((K + 1) * groups / global batch) steps) negatives come from the other rows of
+  the global micro-batch, K capped at its size - 1; ``bank/in_use`` in TensorBoard shows which
+  source a step used. ``--bank_groups`` defaults to 64 whatever the world size (lowered, with a
+  note, until a group holds more than K slots) so that a run can resume at any world size that
+  divides it.
 - Every micro-batch's teacher vectors are held and enqueued after the optimizer step, so all
   micro-batches of one step score against the same bank. The bank zero-pads vectors to
   ``max_seq_length`` tokens (flatten pooling), which changes no cosine.
@@ -99,8 +104,8 @@ class PretrainArgs(SharedFlags):
     num_epochs: float = flag("passes over the corpus (used when --max_steps <= 0)", 1.0)
     max_steps: int = flag("optimizer steps: the length of the lr schedule; overrides --num_epochs when > 0", -1)
     max_seq_length: int = flag("tokens per sequence, special tokens included; must match the corpus", 128)
-    negatives: str = flag("bank: memory bank of earlier steps' teacher vectors (batch negatives until it holds "
-                          "K+1); batch: other rows of the global batch", "bank", choices=["bank", "batch"])
+    negatives: str = flag("bank: memory bank of earlier steps' teacher vectors (batch negatives until a group "
+                          "holds K+1); batch: other rows of the global batch", "bank", choices=["bank", "batch"])
     num_negatives: int = flag("K negatives per sample", 15)
     bank_size: int = flag("memory bank slots (whole bank, all ranks): at least the global batch, divisible by "
                           "--bank_groups into groups of more than K slots", 4096)
