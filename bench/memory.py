@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     run = {"micro_batch_size": 16, "max_seq_length": 128, "teacher_width": 768, "bank_size": 256, "steps": 3}
     extra = []
     if args.quick:
-        run = {"micro_batch_size": 4, "max_seq_length": 16, "teacher_width": 64, "bank_size": 16, "steps": 2}
+        run = {"micro_batch_size": 4, "max_seq_length": 16, "teacher_width": 64, "bank_size": 32, "steps": 2}  # 2 groups of 16 > K
         extra = ["--tiny"]
     extra += [f"--{k}={v}" for k, v in run.items()]
     tmp = tempfile.mkdtemp(prefix="lrcbert-memory-bench-")
