@@ -177,17 +177,14 @@ class MemoryBank(nn.Module):
 
     def _group_serves_any(self, k: int) -> torch.Tensor:
         """(groups,) bool: the group holds k valid negatives whatever the positive's id is
-        (its fill minus the most repeated id's count is at least k)."""
-        ids = self.ids.view(self.num_groups, self.slots_per_group)
-        out = torch.zeros(self.num_groups, dtype=torch.bool)
-        fills = self.group_fill.tolist()
-        for g in range(self.num_groups):
-            if fills[g] <= k:
-                continue
-            filled = ids[g][ids[g] >= 0]
-            _, counts = torch.unique(filled, return_counts=True)
-            out[g] = fills[g] - int(counts.max()) >= k
-        return out
+        (its fill minus the most repeated id's count is at least k). Vectorized: no sync."""
+        groups, per_group = self.num_groups, self.slots_per_group
+        ids = self.ids.view(groups, per_group).sort(dim=1).values
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]  # a new run of equal ids
+        runs = starts.long().cumsum(1) - 1 + torch.arange(groups, device=ids.device)[:, None] * per_group
+        counts = torch.bincount(runs[ids >= 0], minlength=groups * per_group).view(groups, per_group)
+        return self.group_fill - counts.max(1).values >= k
 
     def ready(self, k: int) -> bool:
         """True once some group can serve k negatives for any positive: it holds k filled
