@@ -76,7 +76,8 @@ ZERO_PAYLOAD = {0: {"all_reduce": 1.0}, 1: {"all_reduce": 1.0, "all_gather_into_
 # bytes on the wire per rank per payload byte with ring algorithms
 RING = {"all_reduce": lambda w: 2 * (w - 1) / w, "all_gather": lambda w: (w - 1) / w,
         "all_gather_into_tensor": lambda w: (w - 1) / w, "reduce_scatter_tensor": lambda w: (w - 1) / w,
-        "all_to_all": lambda w: (w - 1) / w, "all_to_all_single": lambda w: (w - 1) / w, "scatter": lambda w: (w - 1) / w, "broadcast": lambda w: 1.0 if w > 1 else 0.0}
+        "all_to_all": lambda w: (w - 1) / w,
+        "all_to_all_single": lambda w: (w - 1) / w, "scatter": lambda w: (w - 1) / w, "broadcast": lambda w: 1.0 if w > 1 else 0.0}
 
 
 def zero_payload(stage: int, n_params: int, bytes_per_value: int = 4) -> dict:
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     run = {"micro_batch_size": 16, "max_seq_length": 128, "teacher_width": 768, "bank_size": 256, "steps": 3}
     extra = []
     if args.quick:
-        run = {"micro_batch_size": 4, "max_seq_length": 16, "teacher_width": 64, "bank_size": 32, "steps": 2}  # 2 groups of 16 > K
+        # a 32-slot bank: two groups of 16 slots, more than K = 15
+        run = {"micro_batch_size": 4, "max_seq_length": 16, "teacher_width": 64, "bank_size": 32, "steps": 2}
         extra = ["--tiny"]
     extra += [f"--{k}={v}" for k, v in run.items()]
     tmp = tempfile.mkdtemp(prefix="lrcbert-memory-bench-")
