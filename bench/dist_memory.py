@@ -52,6 +52,7 @@ def install_counters() -> None:
                "reduce_scatter_tensor": arg("input", 1),  # the full input each rank contributes
                "reduce_scatter": arg("input_list", 1), "reduce": arg("tensor", 0),
                "all_to_all": arg("input_tensor_list", 1),
+               "all_to_all_single": arg("output", 0),  # what this rank receives (the bank's direction sums)
                "scatter": arg("tensor", 0)}  # gloo's all_to_all (backward of an autograd all_gather) is W scatters
     for name, payload in wrapped.items():
         if hasattr(dist, name):

@@ -46,18 +46,24 @@ def bank_bytes(layers: int, size: int, dim: int, world: int) -> dict:
 # ------------------------------------------------------------------ the model of bytes moved
 
 def bank_payload(world: int, micro_batch: int, layers: int, dim: int, passes: int = 1, enqueue: bool = True) -> dict:
-    """Logical payload per rank per step of the bank's collectives (what each rank receives in
-    full before ring factors): per student pass a forward all_gather of every rank's projected
-    vectors (fp32) and its backward (reduce-scatter; all_to_all on gloo) of the same size, plus
-    the partial-sum all_reduces; per step the enqueue all_gather of teacher vectors (fp16)."""
+    """Logical payload per rank per step of the bank's collectives (what each rank receives):
+    one draw per micro-batch (the batch sizes and example ids all-gathered, then this rank's
+    rows' direction sums, fp32, by all_to_all_single) and, per step, the enqueue's gathers of
+    sizes and ids (the vectors stay where they were produced). Scoring a pass is local, so
+    ``passes`` changes nothing; only the ids (8 bytes a global row) grow with the world size."""
     rows = micro_batch * world
-    gather_fp32 = layers * rows * dim * 4
-    ids = rows * 8
-    out = {"all_gather": passes * (gather_fp32 + ids + world * 8), "all_to_all": passes * gather_fp32,
-           "all_reduce": passes * 2 * layers * rows * 4}
+    ids = rows * 8 + world * 8
+    out = {"all_gather": ids, "all_to_all_single": layers * micro_batch * dim * 4}
     if enqueue:
-        out["all_gather"] += layers * rows * dim * 2 + ids + world * 8
+        out["all_gather"] += ids
     return out
+
+
+def batch_negatives_payload(world: int, micro_batch: int, layers: int, dim: int, k: int = 15) -> dict:
+    """Per rank per micro-batch, upper bound: sizes and widths all-gathered, then at most
+    c = min(W, ceil((K + 1) / B)) partial direction sums per own row (all_to_all_single)."""
+    owners = min(world, -(-(k + 1) // micro_batch))
+    return {"all_gather": world * (layers + 1) * 8, "all_to_all_single": owners * layers * micro_batch * dim * 4}
 
 
 # logical payload per step in units of (trained parameters x 4 bytes), as DeepSpeed 0.19 ran
@@ -70,7 +76,8 @@ ZERO_PAYLOAD = {0: {"all_reduce": 1.0}, 1: {"all_reduce": 1.0, "all_gather_into_
 # bytes on the wire per rank per payload byte with ring algorithms
 RING = {"all_reduce": lambda w: 2 * (w - 1) / w, "all_gather": lambda w: (w - 1) / w,
         "all_gather_into_tensor": lambda w: (w - 1) / w, "reduce_scatter_tensor": lambda w: (w - 1) / w,
-        "all_to_all": lambda w: (w - 1) / w, "scatter": lambda w: (w - 1) / w, "broadcast": lambda w: 1.0 if w > 1 else 0.0}
+        "all_to_all": lambda w: (w - 1) / w,
+        "all_to_all_single": lambda w: (w - 1) / w, "scatter": lambda w: (w - 1) / w, "broadcast": lambda w: 1.0 if w > 1 else 0.0}
 
 
 def zero_payload(stage: int, n_params: int, bytes_per_value: int = 4) -> dict:
@@ -183,7 +190,8 @@ def main(argv=None) -> int:
     run = {"micro_batch_size": 16, "max_seq_length": 128, "teacher_width": 768, "bank_size": 256, "steps": 3}
     extra = []
     if args.quick:
-        run = {"micro_batch_size": 4, "max_seq_length": 16, "teacher_width": 64, "bank_size": 16, "steps": 2}
+        # a 32-slot bank: two groups of 16 slots, more than K = 15
+        run = {"micro_batch_size": 4, "max_seq_length": 16, "teacher_width": 64, "bank_size": 32, "steps": 2}
         extra = ["--tiny"]
     extra += [f"--{k}={v}" for k, v in run.items()]
     tmp = tempfile.mkdtemp(prefix="lrcbert-memory-bench-")
@@ -229,7 +237,7 @@ def main(argv=None) -> int:
     scaling = []
     for world in (2, 8, 64, 512):
         bank = bank_payload(world, g["micro_batch"], g["layers"], dim, passes=2)  # clean + perturbed pass
-        batch_neg = {"all_gather": g["layers"] * g["micro_batch"] * world * dim * 4}
+        batch_neg = batch_negatives_payload(world, g["micro_batch"], g["layers"], dim)
         row = {"world_size": world, "bank_payload_bytes": sum(bank.values()), "bank_wire_bytes": wire_bytes(bank, world),
                "batch_negatives_wire_bytes": wire_bytes(batch_neg, world)}
         for stage in range(4):

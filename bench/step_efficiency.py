@@ -141,7 +141,7 @@ def main(argv=None) -> int:
 
     def negatives_for(batch, step, t_vectors, use_bank, ph):
         if not use_bank:
-            return objective.batch_negatives(t_vectors, negative_generator(0, step, 0))
+            return objective.batch_negatives(t_vectors, negative_generator(0, step))
         with ph("bank_scoring"):  # the draw: slots, counts and direction sums, once per step
             draw = bank.draw(batch["rows"], k, bank.make_generator(step))
 
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         """The recipe's step, no timers: the library's loss step does steps 1-4."""
         t = objective.teacher(teacher, batch)
         negatives = (bank.draw(batch["rows"], k, bank.make_generator(step)) if use_bank
-                     else objective.batch_negatives(t.vectors, negative_generator(0, step, 0)))
+                     else objective.batch_negatives(t.vectors, negative_generator(0, step)))
         loss, _ = objective.step(module, batch, t, STAGE2, negatives, perturb=PERTURB, probe=module)
         loss.backward()
         optimizer.step()

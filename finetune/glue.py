@@ -333,7 +333,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
         batch = {k: v.to(run.device) for k, v in collate(p.encoded["train"], rows, pad_id, task.is_regression).items()}
         if distill:
             t = objective.teacher(teacher, batch)
-            negatives = (objective.batch_negatives(t.vectors, negative_generator(args.seed, step, run.rank))
+            negatives = (objective.batch_negatives(t.vectors, negative_generator(args.seed, step))
                          if objective.uses_cos_nce and weights.alpha > 0 else None)
             loss, logs = objective.step(engine, batch, t, weights, negatives, perturb=args.perturbation,
                                         probe=engine.module, loss_scale=engine.loss_scale)

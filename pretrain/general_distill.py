@@ -12,11 +12,16 @@ bank) -> checkpoint -> export. The student in ``OUTPUT_DIR/model`` is a plain en
 
 Choices of ours (the paper gives no general-distillation recipe beyond "COS-NCE on Wikipedia"):
 - The loss is COS-NCE summed over the mapped layers; no prediction-layer loss (alpha = 1).
-- ``--negatives bank`` (default): K negatives per sample from the sharded FIFO memory bank
-  of pooled teacher vectors of earlier steps (MoCo-style), never the sample's own corpus
-  row. Until the bank holds K + 1 vectors (the first ceil((K + 1) / global batch) steps)
-  negatives come from the other rows of the global micro-batch, K capped at its size - 1;
-  ``bank/in_use`` in TensorBoard shows which source a step used.
+- ``--negatives bank`` (default): K negatives per sample from the sharded memory bank of
+  pooled teacher vectors of earlier steps (MoCo-style), never the sample's own corpus row.
+  The bank is ``--bank_groups`` FIFO groups (group g on rank g % world; rows stay on the rank
+  that produced them) and a sample's K negatives come from one group, so the bytes a rank
+  moves per step do not grow with the world size. Until some group holds K + 1 vectors
+  (about ceil((K + 1) * groups / global batch) steps) negatives come from the other rows of
+  the global micro-batch, K capped at its size - 1; ``bank/in_use`` in TensorBoard shows which
+  source a step used. ``--bank_groups`` defaults to 64 whatever the world size (lowered, with a
+  note, until a group holds more than K slots) so that a run can resume at any world size that
+  divides it.
 - Every micro-batch's teacher vectors are held and enqueued after the optimizer step, so all
   micro-batches of one step score against the same bank. The bank zero-pads vectors to
   ``max_seq_length`` tokens (flatten pooling), which changes no cosine.
@@ -58,7 +63,7 @@ from lrcbert.data.corpus import CorpusDataset, RankBatches, check_compatible  # 
 from lrcbert.data.text import load_tokenizer  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.flags import SharedFlags  # noqa: E402
-from lrcbert.method.bank import MemoryBank  # noqa: E402
+from lrcbert.method.bank import DEFAULT_GROUPS, MemoryBank, resolve_groups  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
@@ -99,11 +104,15 @@ class PretrainArgs(SharedFlags):
     num_epochs: float = flag("passes over the corpus (used when --max_steps <= 0)", 1.0)
     max_steps: int = flag("optimizer steps: the length of the lr schedule; overrides --num_epochs when > 0", -1)
     max_seq_length: int = flag("tokens per sequence, special tokens included; must match the corpus", 128)
-    negatives: str = flag("bank: memory bank of earlier steps' teacher vectors (batch negatives until it holds "
-                          "K+1); batch: other rows of the global batch", "bank", choices=["bank", "batch"])
+    negatives: str = flag("bank: memory bank of earlier steps' teacher vectors (batch negatives until a group "
+                          "holds K+1); batch: other rows of the global batch", "bank", choices=["bank", "batch"])
     num_negatives: int = flag("K negatives per sample", 15)
-    bank_size: int = flag("memory bank slots (whole bank, all ranks): divisible by the world size, "
-                          "at least the global batch, more than K", 4096)
+    bank_size: int = flag("memory bank slots (whole bank, all ranks): at least the global batch, divisible by "
+                          "--bank_groups into groups of more than K slots", 4096)
+    bank_groups: int = flag("memory bank groups: each positive's K negatives come from one group, and group g "
+                            "lives on rank g %% world; the world size must divide it (and every world size "
+                            "you may resume at). Lowered to the largest divisor of --bank_size whose groups "
+                            "hold more than K slots", DEFAULT_GROUPS)
     bank_dtype: str = flag("storage precision of the bank's vectors (maths is fp32)", "fp16", choices=DTYPES)
     save_steps: int = flag("checkpoint every N steps (0 = only at the end)", 1000)
     resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest (another world size only without "
@@ -125,6 +134,7 @@ class Prepared:
     total_steps: int
     bank_dim: int
     bank_bytes_per_rank: int
+    bank_groups: int = 1
 
 
 def setup(args: PretrainArgs) -> Prepared:
@@ -172,14 +182,22 @@ def setup(args: PretrainArgs) -> Prepared:
 
     # flatten pooling: (T * d') per layer, zero-padded to max_seq_length tokens
     bank_dim = teacher_cfg.hidden_size * (args.max_seq_length if args.pooling == "flatten" else 1)
-    bank_bytes = 0
+    bank_bytes, groups = 0, 1
     if args.negatives == "bank":
+        if args.bank_size < settings.global_batch_size:
+            raise UserError(f"memory bank size {args.bank_size} is smaller than the global batch size "
+                            f"{settings.global_batch_size}")
+        groups = resolve_groups(args.bank_size, args.bank_groups, args.num_negatives)
+        if groups != args.bank_groups and rank == 0:
+            print(f"note: --bank_groups {args.bank_groups} lowered to {groups}: groups of --bank_size "
+                  f"{args.bank_size} / {groups} = {args.bank_size // groups} slots, more than K = "
+                  f"{args.num_negatives}", flush=True)
         probe = MemoryBank(len(layer_map), args.bank_size, bank_dim, rank, world, DTYPES[args.bank_dtype],
-                           device="meta")  # checks size vs world size without allocating
+                           device="meta", groups=groups)  # checks groups vs world size without allocating
         probe.validate(args.num_negatives, settings.global_batch_size)
         bank_bytes = probe.bytes_per_rank()
     return Prepared(ds_config, teacher_cfg, student_cfg, tokenizer, layer_map, corpus, total_steps, bank_dim,
-                    bank_bytes)
+                    bank_bytes, groups)
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -267,7 +285,7 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
     bank = None
     if args.negatives == "bank":
         bank = MemoryBank(len(p.layer_map), args.bank_size, p.bank_dim, run.rank, run.world,
-                          DTYPES[args.bank_dtype], run.device, seed=args.seed)
+                          DTYPES[args.bank_dtype], run.device, groups=p.bank_groups, seed=args.seed)
     if run.is_main:
         print(f"LRC-BERT general distillation: {len(p.corpus)} sequences ({len(batches)} micro-batches of "
               f"{global_micro_batch} per epoch), {p.total_steps} steps, global batch "
@@ -277,8 +295,8 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
               f"{count_parameters(teacher) / 1e6:.1f}M")
         print(format_layer_map(p.layer_map, p.student_cfg.hidden_size, p.teacher_cfg.hidden_size))
         if bank is not None:
-            print(f"memory bank: {args.bank_size} x {len(p.layer_map)} layers x {p.bank_dim} {args.bank_dtype}, "
-                  f"{p.bank_bytes_per_rank / 2**20:.1f} MiB per rank; K = {args.num_negatives}")
+            print(f"memory bank: {args.bank_size} x {len(p.layer_map)} layers x {p.bank_dim} {args.bank_dtype} in "
+                  f"{p.bank_groups} groups, {p.bank_bytes_per_rank / 2**20:.1f} MiB per rank; K = {args.num_negatives}")
 
     # ---- engine
     optimizer = build_optimizer(module, args.learning_rate, args.weight_decay)
@@ -316,7 +334,7 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
         if use_bank:  # one draw scores the clean and the perturbed pass
             negatives = bank.draw(batch["rows"], args.num_negatives, bank.make_generator(micro_step))
         else:
-            negatives = objective.batch_negatives(t.vectors, negative_generator(args.seed, micro_step, run.rank))
+            negatives = objective.batch_negatives(t.vectors, negative_generator(args.seed, micro_step))
         loss, logs = objective.step(engine, batch, t, COS_ONLY, negatives, perturb=args.perturbation,
                                     probe=engine.module, loss_scale=engine.loss_scale)
         check_finite_loss(loss, engine.global_steps, micro_step, batch["rows"].tolist, what="corpus sequences")

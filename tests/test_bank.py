@@ -15,9 +15,9 @@ from tests.helpers import REPO, launch
 SCRIPT = REPO / "tests" / "dist_scripts" / "bank_equivalence.py"
 
 
-def filled_bank(size=8, dim=5, layers=2, batches=3, batch=3, dtype=torch.float32, seed=0):
+def filled_bank(size=8, dim=5, layers=2, batches=3, batch=3, dtype=torch.float32, seed=0, groups=2):
     """A bank after ``batches`` enqueues of ``batch`` rows; ids count up from 0."""
-    bank = MemoryBank(layers, size, dim, dtype=dtype, seed=seed)
+    bank = MemoryBank(layers, size, dim, dtype=dtype, seed=seed, groups=groups)
     gen = torch.Generator().manual_seed(seed)
     for step in range(batches):
         bank.enqueue([torch.randn(batch, dim, generator=gen) for _ in range(layers)],
@@ -38,70 +38,121 @@ def brute_force_sums(bank, z, slots):
     return out
 
 
+def unit(v):
+    return F.normalize(v.float(), dim=-1, eps=1e-6)
+
+
 # --------------------------------------------------------------------------- layout and FIFO
 
-def test_enqueue_fifo_wraps_with_exact_slot_contents():
-    bank = MemoryBank(2, 5, 3, dtype=torch.float32)
-    row = lambda i, layer: torch.full((3,), 10.0 * layer + i)  # noqa: E731
-    for start in (0, 2, 4):  # 6 rows into 5 slots: row 5 overwrites slot 0
-        ids = torch.arange(start, start + 2)
+def test_group_fifo_wraps_with_exact_slot_contents():
+    # 2 groups of 3 slots; row i of an enqueue goes to group (cursor + i) % 2
+    bank = MemoryBank(2, 6, 3, dtype=torch.float32, groups=2)
+    row = lambda i, layer: torch.tensor([1.0, 10.0 * layer + i, -float(i)])  # noqa: E731
+    for ids in ([0, 1], [2, 3, 4], [5, 6, 7]):
+        ids = torch.tensor(ids)
         bank.enqueue([torch.stack([row(int(i), layer) for i in ids]) for layer in range(2)], ids)
-    assert bank.ids.tolist() == [5, 1, 2, 3, 4]
-    assert int(bank.write_ptr) == 1 and int(bank.fill) == 5
-    for layer in range(2):
-        assert bank.vectors[layer, :, 0].tolist() == [10.0 * layer + i for i in (5, 1, 2, 3, 4)]
+    # group 0: 0 -> slot 0, 2 -> 1, 4 -> 2, 6 overwrites slot 0; group 1: 1, 3, 5, then 7 overwrites slot 0
+    assert bank.ids.tolist() == [6, 2, 4, 7, 3, 5]
+    assert bank.group_ptr.tolist() == [1, 1] and bank.group_fill.tolist() == [3, 3] and int(bank.fill) == 6
+    assert bank.cursor.tolist() == [0]  # (0 + 2 + 3 + 3) % 2
+    for layer in range(2):  # stored normalized
+        want = torch.stack([unit(row(i, layer)) for i in (6, 2, 4, 7, 3, 5)])
+        torch.testing.assert_close(bank.vectors[layer], want)
 
 
 def test_fill_count_grows_then_caps():
-    bank = MemoryBank(1, 6, 2)
+    bank = MemoryBank(1, 6, 2, groups=3)
     fills = []
     for step in range(4):
         bank.enqueue([torch.ones(4, 2)], torch.arange(4) + 4 * step)
-        fills.append(int(bank.fill))
-    assert fills == [4, 6, 6, 6]
-    assert int(bank.write_ptr) == 16 % 6
+        fills.append((int(bank.fill), bank.group_fill.tolist()))
+    assert fills == [(4, [2, 1, 1]), (6, [2, 2, 2]), (6, [2, 2, 2]), (6, [2, 2, 2])]
 
 
-def test_bytes_per_rank_halves_with_two_ranks():
-    one = MemoryBank(4, 4096, 128 * 768, device="meta")
-    two = MemoryBank(4, 4096, 128 * 768, rank=1, world_size=2, device="meta")
-    ids_and_counters = 4096 * 8 + 4 * 8 + 2 * 8
-    assert one.bytes_per_rank() == 4 * 4096 * 128 * 768 * 2 + ids_and_counters
-    assert two.bytes_per_rank() == 4 * 2048 * 128 * 768 * 2 + ids_and_counters
+def test_bytes_per_rank_shrink_as_1_over_world():
+    def vector_bytes(world):
+        bank = MemoryBank(4, 4096, 128 * 768, rank=world - 1, world_size=world, device="meta", groups=64)
+        replicated = (4096 + 2 * 64 + world + 6) * 8  # ids, group pointers/fills, cursors, 4 scalars, shard
+        assert bank.bytes_per_rank() - replicated == bank.vectors.numel() * 2
+        return bank.vectors.numel() * 2
+    assert vector_bytes(1) == 4 * 4096 * 128 * 768 * 2
+    assert vector_bytes(2) * 2 == vector_bytes(1) == vector_bytes(4) * 4
+
+
+def test_vectors_are_stored_normalized_and_zero_stays_zero():
+    bank = MemoryBank(1, 4, 3, dtype=torch.float16, groups=1)
+    big = torch.tensor([[7e4, 7e4, 0.0], [0.0, 0.0, 0.0]])  # past fp16 range before normalizing
+    bank.enqueue([big], torch.tensor([0, 1]))
+    assert torch.isfinite(bank.vectors).all()
+    torch.testing.assert_close(bank.vectors[0, 0].float(), unit(big[0]), rtol=1e-3, atol=1e-3)
+    assert bank.vectors[0, 1].tolist() == [0.0, 0.0, 0.0]
 
 
 # --------------------------------------------------------------------------- sampling
 
 def test_sampling_excludes_own_id_and_never_repeats():
-    bank = MemoryBank(1, 10, 2)
-    for step in range(3):  # ids mod 7 repeat, as in a later epoch: 0, 5 and 6 sit in two slots
+    bank = MemoryBank(1, 10, 2, groups=2)
+    for step in range(3):  # ids mod 7 repeat, as in a later epoch
         bank.enqueue([torch.randn(5, 2)], (torch.arange(5) + 5 * step) % 7)
     positive_ids = torch.tensor([0, 3, 6, 9])
     seen = set()
-    for step in range(50):
-        slots = bank.sample_slots(positive_ids, 6, bank.make_generator(step))
-        assert slots.shape == (4, 6)
+    for step in range(60):
+        slots = bank.sample_slots(positive_ids, 3, bank.make_generator(step))
+        assert slots.shape == (4, 3)
         for i, row in enumerate(slots.tolist()):
-            assert len(set(row)) == 6
+            assert len(set(row)) == 3
+            assert len({s // 5 for s in row}) == 1  # all from one group
             assert all(int(bank.ids[s]) != int(positive_ids[i]) for s in row)
             seen.update((i, s) for s in row)
     for i, pid in enumerate(positive_ids.tolist()):  # every allowed slot is drawn sometimes
         assert {s for r, s in seen if r == i} == {s for s in range(10) if int(bank.ids[s]) != pid}
 
 
+def test_a_group_without_k_valid_slots_is_never_chosen():
+    bank = MemoryBank(1, 8, 2, groups=2)
+    bank.enqueue([torch.randn(4, 2)], torch.tensor([5, 1, 5, 2]))  # group 0 holds 5, 5; group 1 holds 1, 2
+    for step in range(20):
+        slots = bank.sample_slots(torch.tensor([5, 1]), 2, bank.make_generator(step))
+        assert sorted(slots[0].tolist()) == [4, 5]  # id 5 fills group 0: only group 1 serves it
+        assert sorted(slots[1].tolist()) == [0, 1]
+    with pytest.raises(UserError, match="no memory bank group holds 3 negatives for example id 2"):
+        bank.sample_slots(torch.tensor([2]), 3, bank.make_generator(0))  # 4 filled, but 2 per group
+
+
+def test_ready_means_some_group_serves_any_positive():
+    bank = MemoryBank(1, 8, 2, groups=2)
+    bank.enqueue([torch.randn(4, 2)], torch.tensor([5, 1, 5, 2]))
+    assert not bank.ready(2)  # group 0: 2 filled but both id 5; group 1: 2 filled, k + 1 needed
+    bank.enqueue([torch.randn(2, 2)], torch.tensor([3, 4]))  # group 0: 5, 5, 3; group 1: 1, 2, 4
+    assert bank.ready(2) and not bank.ready(3)
+    assert bank.ready(1)
+
+
 def test_sampling_is_reproducible_and_advances_the_step():
     bank = filled_bank()
     ids = torch.tensor([1, 20])
-    first = bank.sample_slots(ids, 4)
+    first = bank.sample_slots(ids, 2)
     assert int(bank.sample_step) == 1
-    assert torch.equal(first, bank.sample_slots(ids, 4, bank.make_generator(0)))
-    assert not torch.equal(first, bank.sample_slots(ids, 4))
+    assert torch.equal(first, bank.sample_slots(ids, 2, bank.make_generator(0)))
+    assert not torch.equal(first, bank.sample_slots(ids, 2))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_draw_does_not_depend_on_the_world_size(world):
+    # the same positives against the same contents draw the same slots on every rank of any world
+    bank = filled_bank(size=16, batches=5, batch=3, groups=4)
+    ids = torch.tensor([0, 4, 13, 99, 7])
+    want = bank.sample_slots(ids, 2, bank.make_generator(5))
+    for rank, shard in enumerate(MemoryBank.reshard([bank.state_dict()], world)):
+        part = MemoryBank(2, 16, 5, rank=rank, world_size=world, dtype=torch.float32, groups=4)
+        part.load_state_dict(shard)
+        assert torch.equal(part.sample_slots(ids, 2, part.make_generator(5)), want)
 
 
 # --------------------------------------------------------------------------- distance sums
 
 def test_distance_sums_by_hand():
-    bank = MemoryBank(1, 3, 2, dtype=torch.float32)
+    bank = MemoryBank(1, 3, 2, dtype=torch.float32, groups=1)
     bank.enqueue([torch.tensor([[2.0, 0.0], [0.0, 5.0], [-1.0, 0.0]])], torch.tensor([0, 1, 2]))
     z = torch.tensor([[3.0, 0.0], [1.0, 1.0]], requires_grad=True)
     sums, k = bank.negative_distance_sums([z], torch.tensor([7, 2]), 2)
@@ -113,11 +164,11 @@ def test_distance_sums_by_hand():
 
 
 def test_distance_sums_match_brute_force_values_and_gradients():
-    bank = filled_bank(size=12, dim=7, batches=5)  # wrapped; ids 3..14 in the bank
+    bank = filled_bank(size=12, dim=7, batches=5)  # wrapped
     z = [torch.randn(4, 7, requires_grad=True) for _ in range(2)]
     ids = torch.tensor([3, 9, 14, 100])
-    sums, _ = bank.negative_distance_sums(z, ids, 5, bank.make_generator(3))
-    slots = bank.sample_slots(ids, 5, bank.make_generator(3))
+    sums, _ = bank.negative_distance_sums(z, ids, 4, bank.make_generator(3))
+    slots = bank.sample_slots(ids, 4, bank.make_generator(3))
     z_ref = [t.detach().clone().requires_grad_(True) for t in z]
     ref = brute_force_sums(bank, z_ref, slots)
     for got, want in zip(sums, ref):
@@ -131,11 +182,11 @@ def test_distance_sums_match_brute_force_values_and_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_storage_uses_fp32_maths(dtype):
-    bank = MemoryBank(1, 4, 1024, dtype=dtype)
-    teacher = torch.randn(4, 1024) * 300  # squared norms overflow fp16; values themselves fit
+    bank = MemoryBank(1, 4, 1024, dtype=dtype, groups=1)
+    teacher = torch.randn(4, 1024) * 300  # squared norms overflow fp16
     bank.enqueue([teacher], torch.arange(4))
     assert bank.vectors.dtype == dtype
-    torch.testing.assert_close(bank.vectors[0].float(), teacher.to(dtype).float())
+    torch.testing.assert_close(bank.vectors[0].float(), unit(teacher).to(dtype).float())
     z = torch.randn(2, 1024, requires_grad=True)
     sums, _ = bank.negative_distance_sums([z], torch.tensor([10, 11]), 3, bank.make_generator(0))
     assert sums[0].dtype == torch.float32 and torch.isfinite(sums[0]).all()
@@ -155,7 +206,7 @@ def test_all_zero_vectors_give_finite_sums_and_gradients():
 
 
 def test_chunked_scoring_matches_unchunked():
-    bank = filled_bank(size=12, dim=7, batches=4)
+    bank = filled_bank(size=12, dim=7, batches=4, groups=1)
     z = [torch.randn(3, 7) for _ in range(2)]
     ids = torch.tensor([0, 5, 50])
     whole, _ = bank.negative_distance_sums(z, ids, 8, bank.make_generator(1))
@@ -181,18 +232,18 @@ def test_one_draw_scores_both_passes_and_a_changed_bank_needs_a_new_draw(monkeyp
         return [s.detach() for s in sums], grads
 
     gen = bank.make_generator(2)
-    negatives = bank.draw(ids, 6, gen)
+    negatives = bank.draw(ids, 4, gen)
     assert len(calls) == 2  # one per layer, at the draw
     first, second = score(negatives), score(negatives)
     assert len(calls) == 2  # passes do not touch the bank's rows
     for a, b in zip(first[0] + list(first[1]), second[0] + list(second[1])):
         assert torch.equal(a, b)
-    fresh = score(bank.draw(ids, 6, bank.make_generator(2)))  # the same draw made again: the same numbers
+    fresh = score(bank.draw(ids, 4, bank.make_generator(2)))  # the same draw made again: the same numbers
     for a, b in zip(first[0] + list(first[1]), fresh[0] + list(fresh[1])):
         assert torch.equal(a, b)
     bank.enqueue([torch.randn(3, 7) for _ in range(2)], torch.arange(3) + 60)
-    slots = bank.sample_slots(ids, 6, bank.make_generator(3))
-    for got, want in zip(score(bank.draw(ids, 6, bank.make_generator(3)))[0],
+    slots = bank.sample_slots(ids, 4, bank.make_generator(3))
+    for got, want in zip(score(bank.draw(ids, 4, bank.make_generator(3)))[0],
                          brute_force_sums(bank, [t.detach() for t in z], slots)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="drawn for 3 rows"):
@@ -204,17 +255,18 @@ def test_narrower_vectors_are_zero_padded_to_the_bank_width():
     bank = filled_bank(size=8, dim=5, batches=2)
     narrow = [torch.randn(2, 3) for _ in range(2)]
     wide = [torch.nn.functional.pad(v, (0, 2)) for v in narrow]
-    a, _ = bank.negative_distance_sums(narrow, torch.tensor([40, 41]), 3, bank.make_generator(0))
-    b, _ = bank.negative_distance_sums(wide, torch.tensor([40, 41]), 3, bank.make_generator(0))
+    a, _ = bank.negative_distance_sums(narrow, torch.tensor([40, 41]), 2, bank.make_generator(0))
+    b, _ = bank.negative_distance_sums(wide, torch.tensor([40, 41]), 2, bank.make_generator(0))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
-    bank.enqueue(narrow, torch.tensor([50, 51]))
+    bank.enqueue(narrow, torch.tensor([50, 51]))  # cursor 0: 50 -> group 0 slot 3, 51 -> group 1 slot 3
     vectors, _ = bank.global_contents()
-    assert torch.equal(vectors[0, 6], wide[0][0]) and torch.equal(vectors[1, 7], wide[1][1])
+    torch.testing.assert_close(vectors[0, 3], unit(wide[0][0]))
+    torch.testing.assert_close(vectors[1, 7], unit(wide[1][1]))
 
 
 def test_held_vectors_join_the_bank_at_flush():
-    bank = filled_bank(size=8, dim=5, batches=1)
+    bank = filled_bank(size=8, dim=5, batches=1, groups=1)
     before = int(bank.fill)
     bank.hold([torch.randn(2, 5) for _ in range(2)], torch.tensor([70, 71]))
     bank.hold([torch.randn(2, 4) for _ in range(2)], torch.tensor([72, 73]))
@@ -230,63 +282,81 @@ def test_held_vectors_join_the_bank_at_flush():
 def test_state_round_trip_continues_identically():
     bank = filled_bank(size=8, batches=3)
     bank.sample_slots(torch.tensor([0]), 2)  # advance the sampling stream
-    copy = MemoryBank(2, 8, 5, dtype=torch.float32)
+    copy = MemoryBank(2, 8, 5, dtype=torch.float32, groups=2)
     copy.load_state_dict(bank.state_dict())
     for name, buf in bank.named_buffers():
         assert torch.equal(buf, dict(copy.named_buffers())[name]), name
     z, ids = [torch.randn(2, 5) for _ in range(2)], torch.tensor([1, 2])
     for b in (bank, copy):
         b.enqueue([torch.ones(3, 5), -torch.ones(3, 5)], torch.tensor([30, 31, 32]))
-    a_sums, _ = bank.negative_distance_sums(z, ids, 4)
-    b_sums, _ = copy.negative_distance_sums(z, ids, 4)
+    a_sums, _ = bank.negative_distance_sums(z, ids, 2)
+    b_sums, _ = copy.negative_distance_sums(z, ids, 2)
     for a, b in zip(a_sums, b_sums):
         assert torch.equal(a, b)
 
 
-def test_reshard_preserves_global_contents_and_order():
-    bank = filled_bank(size=8, batches=3, dtype=torch.float16)  # wrapped: write_ptr 1
+def test_reshard_moves_whole_groups_and_preserves_the_global_bank():
+    bank = filled_bank(size=16, batches=7, dtype=torch.float16, groups=4)  # wrapped groups
     one = [bank.state_dict()]
+    by_group = bank.vectors.view(2, 4, 4, 5)
     two = MemoryBank.reshard(one, 2)
     assert [s["shard"].tolist() for s in two] == [[0, 2], [1, 2]]
-    assert torch.equal(two[1]["vectors"], bank.vectors[:, 1::2])  # strided ownership
+    assert torch.equal(two[1]["vectors"], by_group[:, [1, 3]].reshape(2, 8, 5))  # groups 1 and 3 on rank 1
     four = MemoryBank.reshard(two, 4)
+    assert torch.equal(four[2]["vectors"], by_group[:, 2])  # group 2 alone on rank 2
+    assert all(s["cursor"].tolist() == [0] * 4 for s in four)  # cursors restart
     for shards in (MemoryBank.reshard(two, 1), MemoryBank.reshard(four, 1), MemoryBank.reshard(four, 2)):
         back = MemoryBank.reshard(shards, 1)[0]
         for key, value in one[0].items():
-            assert torch.equal(back[key], value), key
-    shard = MemoryBank(2, 8, 5, rank=3, world_size=4, dtype=torch.float16)
+            if key != "cursor":
+                assert torch.equal(back[key], value), key
+    shard = MemoryBank(2, 16, 5, rank=3, world_size=4, dtype=torch.float16, groups=4)
     shard.load_state_dict(four[3])  # per-shard load needs no process group
-    assert torch.equal(shard.vectors, bank.vectors[:, 3::4])
-    assert int(shard.write_ptr) == int(bank.write_ptr) and int(shard.fill) == 8
+    assert torch.equal(shard.vectors, by_group[:, 3])
+    assert torch.equal(shard.group_ptr, bank.group_ptr) and int(shard.fill) == 16
 
 
-def test_loading_a_shard_of_another_world_is_a_user_error():
-    two = MemoryBank.reshard([filled_bank().state_dict()], 2)
+def test_loading_a_shard_of_another_world_or_layout_is_a_user_error():
+    bank = filled_bank()
+    two = MemoryBank.reshard([bank.state_dict()], 2)
     with pytest.raises(UserError, match="reshard"):
-        MemoryBank(2, 8, 5, dtype=torch.float32).load_state_dict(two[0])
+        MemoryBank(2, 8, 5, dtype=torch.float32, groups=2).load_state_dict(two[0])
     with pytest.raises(UserError, match="shape"):
-        MemoryBank(2, 8, 6, dtype=torch.float32).load_state_dict(filled_bank().state_dict())
-    with pytest.raises(UserError, match="divisible"):
+        MemoryBank(2, 8, 6, dtype=torch.float32, groups=2).load_state_dict(bank.state_dict())
+    with pytest.raises(UserError, match="--bank_groups 2"):
+        MemoryBank(2, 8, 5, dtype=torch.float32, groups=4).load_state_dict(bank.state_dict())
+    with pytest.raises(UserError, match="world size must divide --bank_groups"):
         MemoryBank.reshard(two, 3)
+    with pytest.raises(UserError, match="world size must divide --bank_groups"):
+        MemoryBank.reshard(two, 4)
     with pytest.raises(UserError, match="labelled"):
         MemoryBank.reshard(two[::-1], 1)
+    old = {key: value for key, value in bank.state_dict().items() if key not in ("groups", "group_ptr",
+                                                                                   "group_fill", "cursor")}
+    old["write_ptr"] = torch.tensor(0)
+    for attempt in (lambda: MemoryBank(2, 8, 5, dtype=torch.float32, groups=2).load_state_dict(old),
+                    lambda: MemoryBank.reshard([old], 1)):
+        with pytest.raises(UserError, match="old ungrouped layout .* cannot be converted"):
+            attempt()
 
 
 # --------------------------------------------------------------------------- user errors
 
 def test_user_errors():
-    with pytest.raises(UserError, match="divisible"):
-        MemoryBank(1, 10, 4, rank=0, world_size=4)
-    bank = filled_bank(size=8, batches=1)  # 3 filled slots
+    with pytest.raises(UserError, match="not divisible by the data-parallel world size 4"):
+        MemoryBank(1, 12, 4, rank=0, world_size=4, groups=6)
+    with pytest.raises(UserError, match="not divisible by its 3 groups"):
+        MemoryBank(1, 10, 4, groups=3)
+    bank = filled_bank(size=8, batches=1)  # 3 filled slots: group 0 holds ids 0, 2; group 1 holds 1
     with pytest.raises(UserError, match="holds only 3"):
         bank.negative_distance_sums([torch.randn(1, 5)] * 2, torch.tensor([50]), 4)
-    with pytest.raises(UserError, match="fewer than k=3"):  # id 1 is in the bank: 2 negatives left
-        bank.negative_distance_sums([torch.randn(1, 5)] * 2, torch.tensor([1]), 3)
-    with pytest.raises(UserError, match="larger than the number of negatives"):
-        bank.validate(8, 4)
+    with pytest.raises(UserError, match="no memory bank group holds 2 negatives for example id 0"):
+        bank.negative_distance_sums([torch.randn(1, 5)] * 2, torch.tensor([0]), 2)
+    with pytest.raises(UserError, match="groups of 4 slots .* larger than the number of negatives"):
+        bank.validate(4, 4)
     with pytest.raises(UserError, match="global batch size"):
-        bank.validate(4, 16)
-    bank.validate(4, 8)
+        bank.validate(3, 16)
+    bank.validate(3, 8)
     with pytest.raises(UserError, match="does not fit"):
         bank.enqueue([torch.randn(9, 5)] * 2, torch.arange(9))
     with pytest.raises(UserError, match="2 layers"):
@@ -297,7 +367,7 @@ def test_user_errors():
         bank.enqueue([torch.randn(2, 6)] * 2, torch.arange(2))
 
 
-# --------------------------------------------------------------------------- two ranks, real launcher
+# --------------------------------------------------------------------------- 2 and 4 ranks, real launcher
 
 def _load_script():
     spec = importlib.util.spec_from_file_location("bank_equivalence", SCRIPT)
@@ -306,31 +376,50 @@ def _load_script():
     return module
 
 
-@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
-def test_two_ranks_under_the_launcher_match_one_rank(tmp_path):
+def _launch(world, out):
     # A lock left in the torch extensions cache by a killed process (preemption, SIGKILL) must not
     # hang start-up: CPU ranks never JIT-build DeepSpeed's shared-memory comm op.
-    extensions = tmp_path / "torch_extensions"
+    extensions = out / "torch_extensions"
     (extensions / "deepspeed_shm_comm").mkdir(parents=True)
     (extensions / "deepspeed_shm_comm" / "lock").touch()
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(extensions))
-    proc = launch(str(SCRIPT.relative_to(REPO)), ["--out", str(tmp_path)], timeout=300, env=env)
+    proc = launch(str(SCRIPT.relative_to(REPO)), ["--out", str(out)], num_ranks=world, timeout=400, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
+
+RESULTS: dict = {}
+
+
+def launched(world, tmp_path_factory):
+    """One launcher run per world size, shared by the tests below."""
+    if world not in RESULTS:
+        RESULTS[world] = _launch(world, tmp_path_factory.mktemp(f"world{world}"))
+    return RESULTS[world]
+
+
+needs_launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
+
+
+@needs_launcher
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_under_the_launcher_match_one_rank(world, tmp_path_factory):
+    ranks = launched(world, tmp_path_factory)
     script = _load_script()
-    problem = script.make_problem()
+    problem = script.make_problem(world)
+    # One rank with the same global bank: the shards re-sharded to one, and the gathered contents.
+    merged = MemoryBank.reshard([r["shard"] for r in ranks], 1)[0]
     bank = script.make_bank()
-    script.fill(bank, problem, 0, 1)
-    # Same global bank: gathered contents, and the re-sharded checkpoint of both ranks.
+    bank.load_state_dict(merged)
     for result in ranks:
         assert torch.equal(result["contents"], bank.vectors) and torch.equal(result["contents_ids"], bank.ids)
-    merged = MemoryBank.reshard([r["shard"] for r in ranks], 1)[0]
-    for key, value in bank.state_dict().items():
-        assert torch.equal(merged[key], value), key
+    by_group = bank.vectors.view(script.NUM_LAYERS, script.GROUPS, -1, script.DIM)
+    for rank, result in enumerate(ranks):  # group g lives on rank g % world
+        assert torch.equal(result["shard"]["vectors"],
+                           by_group[:, rank::world].reshape(script.NUM_LAYERS, -1, script.DIM))
 
-    # One-rank reference: loss = mean over all global rows, same sampling step.
+    # One-rank reference: loss = mean over all global rows, the same sampling step and draw.
     linear = torch.nn.Linear(script.IN_FEATURES, script.NUM_LAYERS * script.DIM)
     linear.load_state_dict({"weight": problem["weight"], "bias": problem["bias"]})
     z_s = script.student_vectors(linear, problem["x"])
@@ -338,17 +427,63 @@ def test_two_ranks_under_the_launcher_match_one_rank(tmp_path):
     loss = script.cos_nce(z_s, problem["teacher"], sums, k)
     loss.backward()
     tol = dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), **tol)
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / world, loss.detach(), **tol)
     for layer in range(script.NUM_LAYERS):
         torch.testing.assert_close(torch.cat([r["sums"][layer] for r in ranks]), sums[layer].detach(), **tol)
     for result in ranks:  # DeepSpeed-averaged gradients equal the one-rank gradients
         torch.testing.assert_close(result["weight_grad"], linear.weight.grad, **tol)
         torch.testing.assert_close(result["bias_grad"], linear.bias.grad, **tol)
 
-    # Unequal local batches (3 + 1 rows): per-row sums and gradients w.r.t. the own rows.
+    # Unequal local batches: per-row sums and gradients w.r.t. the own rows.
     z = [v.clone().requires_grad_(True) for v in problem["unequal_z"]]
     unequal, _ = bank.negative_distance_sums(z, problem["unequal_ids"], script.K)
     torch.stack(unequal).square().sum().backward()
     for layer in range(script.NUM_LAYERS):
         torch.testing.assert_close(torch.cat([r["unequal_sums"][layer] for r in ranks]), unequal[layer].detach(), **tol)
         torch.testing.assert_close(torch.cat([r["unequal_grads"][layer] for r in ranks]), z[layer].grad, **tol)
+
+
+@needs_launcher
+@pytest.mark.parametrize("world", [2, 4])
+def test_batch_negatives_under_the_launcher_match_one_rank(world, tmp_path_factory):
+    from lrcbert.method.negatives import batch_negative_distance_sums, draw_batch_rows, negative_generator
+
+    ranks = launched(world, tmp_path_factory)
+    script = _load_script()
+    problem = script.make_problem(world)
+    split = list(script.BATCH_SPLITS[world])
+    width = script.DIM  # the widest rank's vectors: the others are zero-padded
+    pool = [torch.cat([F.pad(t, (0, width - t.shape[1])) for t in layer]) for layer in problem["batch_teacher"]]
+    rows = draw_batch_rows(split, script.BATCH_K, negative_generator(script.SEED, 3))
+    for i, row in enumerate(rows.tolist()):
+        assert i not in row and len(set(row)) == script.BATCH_K
+    z = [v.clone().requires_grad_(True) for v in problem["batch_z"]]
+    sums = batch_negative_distance_sums(z, pool, rows)
+    torch.stack(sums).square().sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5)
+    assert all(r["batch_k"] == script.BATCH_K for r in ranks)
+    for layer in range(script.NUM_LAYERS):
+        torch.testing.assert_close(torch.cat([r["batch_sums"][layer] for r in ranks]), sums[layer].detach(), **tol)
+        torch.testing.assert_close(torch.cat([r["batch_grads"][layer] for r in ranks]), z[layer].grad, **tol)
+
+
+@needs_launcher
+def test_vector_traffic_per_rank_does_not_grow_with_the_world_size(tmp_path_factory):
+    script = _load_script()
+    vector_bytes = script.TRAFFIC_ROWS * script.NUM_LAYERS * script.DIM * 4  # fp32 sums of this rank's rows
+    per_world = {}
+    for world in (2, 4):
+        traffic = [r["traffic"] for r in launched(world, tmp_path_factory)]
+        draw = [t["bank_draw_score"] for t in traffic]
+        # the bank: every rank receives exactly its rows' direction sums; sends as much on average
+        assert [d["float_received"] for d in draw] == [vector_bytes] * world
+        assert sum(d["float_sent"] for d in draw) == world * vector_bytes
+        # enqueue moves no vector at all: only ids and batch sizes
+        assert all("float_sent" not in t["bank_enqueue"] for t in traffic)
+        # batch negatives: at most c = ceil((K + 1) / B_min) owners' partial sums per row
+        c = min(world, -(-(script.BATCH_K + 1) // script.TRAFFIC_ROWS))
+        batch = [t["batch_draw_score"] for t in traffic]
+        assert all(b["float_received"] <= c * vector_bytes for b in batch)
+        assert sum(b["float_sent"] for b in batch) == sum(b["float_received"] for b in batch)
+        per_world[world] = (draw[0]["float_received"], c)
+    assert per_world[2] == per_world[4]

@@ -91,7 +91,9 @@ def test_memory_bank_halves_and_two_rank_run(tmp_path, capsys):
     assert check["bank_measured_over_model"] == pytest.approx(1.0, rel=0.01)
     assert check["zero_measured_over_model"] == pytest.approx(1.0, rel=0.01)
     scaling = {row["world_size"]: row for row in data["model"]["scaling"]}
-    assert scaling[512]["bank_wire_bytes"] > scaling[8]["bank_wire_bytes"]
+    # the bank's vectors move B_local x L x F per rank at any world size; only the ids and the
+    # ring factor (w - 1) / w grow with it
+    assert scaling[8]["bank_wire_bytes"] < scaling[512]["bank_wire_bytes"] < 1.2 * scaling[8]["bank_wire_bytes"]
 
 
 def test_fast_path_matches_plain_transformers_in_input_order(tmp_path):

@@ -54,7 +54,9 @@ def test_pretrain_dry_run_counts_the_bank_per_rank(tmp_path):
                "--micro_batch_size", "4", "--bank_size", "512", "--max_steps", "50", "--student_layers", "2",
                "--student_hidden", "32", "--student_intermediate", "64", "--student_heads", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    bank = MemoryBank(2, 512, 32 * 64, rank=0, world_size=8, dtype=__import__("torch").float16, device="meta")
+    bank = MemoryBank(2, 512, 32 * 64, rank=0, world_size=8, dtype=__import__("torch").float16, device="meta",
+                      groups=32)  # --bank_groups 64 lowered: 512 / 32 = 16 slots per group > K = 15
+    assert "--bank_groups 64 lowered to 32" in proc.stdout
     assert f"memory bank: {bank.bytes_per_rank() / 2**20:,.1f} MiB per rank" in proc.stdout
     assert "micro 4 x accumulation 1 x world 8 = 32 sequences" in proc.stdout
     assert not (tmp_path / "run").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lrcbert.errors import UserError
 from lrcbert.runtime import guards
 from lrcbert.method.bank import MemoryBank
 from pretrain import general_distill as gd
@@ -262,13 +263,19 @@ def test_teacher_that_is_not_an_encoder_is_refused(corpus, tmp_path, capsys):
     assert "not a BERT-style encoder" in one_error_line(capsys.readouterr().err)
 
 
-def test_bank_size_must_divide_by_world_and_hold_a_global_batch(corpus, tmp_path, capsys, monkeypatch):
+def test_bank_groups_must_divide_by_world_and_the_bank_hold_a_global_batch(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # setup reads the launcher's environment; no process group yet
     monkeypatch.setenv("RANK", "0")
-    assert gd.main(base_args(corpus, tmp_path / "out", "--bank_size", "33")) == 2
-    assert "not divisible by the data-parallel world size 2" in one_error_line(capsys.readouterr().err)
+    assert gd.main(base_args(corpus, tmp_path / "out", "--bank_size", "33")) == 2  # one group of 33 slots
+    err = one_error_line(capsys.readouterr().err)
+    assert "groups 1 (--bank_groups) are not divisible by the data-parallel world size 2" in err
+    assert gd.main(base_args(corpus, tmp_path / "out", "--bank_size", "48", "--bank_groups", "3")) == 2
+    assert "groups 3 (--bank_groups) are not divisible by the data-parallel world size 2" in \
+        one_error_line(capsys.readouterr().err)
     assert gd.main(base_args(corpus, tmp_path / "out", "--bank_size", "24", "--micro_batch_size", "16")) == 2
     assert "smaller than the global batch size 32" in one_error_line(capsys.readouterr().err)
+    assert gd.main(base_args(corpus, tmp_path / "out", "--bank_size", "64", "--bank_groups", "0")) == 2
+    assert "--bank_groups must be at least 1" in one_error_line(capsys.readouterr().err)
 
 
 def test_other_refusals(corpus, tmp_path, capsys):
@@ -310,20 +317,22 @@ def test_config_files_parse_and_flags_override_them(name, corpus, tmp_path):
 
 def test_bank_is_resharded_when_the_world_size_changes(tmp_path):
     torch.manual_seed(0)
-    one = MemoryBank(2, 8, 6, dtype=torch.float32, seed=3)
+    one = MemoryBank(2, 8, 6, dtype=torch.float32, seed=3, groups=2)
     for step in range(3):  # 12 rows through 8 slots: wraps around
         one.enqueue([torch.randn(4, 6) for _ in range(2)], torch.arange(4) + 4 * step)
     files = []
     for rank, shard in enumerate(MemoryBank.reshard([one.state_dict()], 2)):
         files.append(str(tmp_path / f"state_rank{rank:05d}.pt"))
         torch.save({"bank": shard}, files[-1])
-    back = MemoryBank(2, 8, 6, dtype=torch.float32, seed=3)
+    back = MemoryBank(2, 8, 6, dtype=torch.float32, seed=3, groups=2)
     gd.load_bank(back, files, rank=0, world=1)  # 2 shards -> 1
     for key, value in one.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
-    half = MemoryBank(2, 8, 6, rank=1, world_size=2, dtype=torch.float32, seed=3)
+        assert torch.equal(back.state_dict()[key], value), key  # cursors restart at 0: still 0 here
+    half = MemoryBank(2, 8, 6, rank=1, world_size=2, dtype=torch.float32, seed=3, groups=2)
     gd.load_bank(half, files, rank=1, world=2)  # same world: this rank's own file
-    assert torch.equal(half.vectors, one.vectors[:, 1::2])
+    assert torch.equal(half.vectors, one.vectors[:, 4:])  # group 1 lives on rank 1
+    with pytest.raises(UserError, match="world size must divide --bank_groups"):
+        gd.load_bank(MemoryBank(2, 8, 6, rank=0, world_size=4, dtype=torch.float32, seed=3, groups=4), files, 0, 4)
 
 
 def test_data_position_follows_a_new_global_batch():

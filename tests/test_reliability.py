@@ -267,7 +267,7 @@ def assert_checkpoint_holds_everything(folder: Path, ranks: int, bank: bool) -> 
         assert {"python", "numpy", "torch"} <= set(rng)
         if bank:
             shard = torch.load(folder / f"state_rank{rank:05d}.pt", weights_only=True)["bank"]
-            assert {"vectors", "ids", "write_ptr", "fill", "sample_step"} <= set(shard)
+            assert {"vectors", "ids", "group_ptr", "group_fill", "cursor", "fill", "sample_step", "groups"} <= set(shard)
             assert int(shard["fill"]) > 0 and tuple(shard["shard"].tolist()) == (rank, ranks)
 
 
