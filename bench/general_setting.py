@@ -137,6 +137,9 @@ def main(argv=None) -> int:
     run_dir = out / "general"
     if (run_dir / "model" / "config.json").exists():
         print(f"reusing {run_dir / 'model'}", flush=True)
+        if (out / "general_setting.json").exists():  # the summary of the run that made it stays
+            print((out / "general_setting.json").read_text())
+            return 0
     else:
         resume = (run_dir / "checkpoints" / "latest").exists()
         cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
