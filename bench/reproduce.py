@@ -317,7 +317,10 @@ def write_outputs(args, state: dict, command: str) -> str:
             ret = f"{s['retention_above_chance']:.2f}" if "retention_above_chance" in s and name != "teacher" else ""
             lines.append(f"| {ROWS[name].description} | {s['lr']:g} | {value} | {pct} | {ret} | {vs} | {grid} |")
         lines.append("")
-    lines += [f"Command: `{command}`"]
+    commands = state.setdefault("commands", [])
+    if command not in commands:
+        commands.append(command)  # the table accumulates every invocation's runs
+    lines += ["Commands (each adds its runs to the same table):"] + [f"    {c}" for c in commands]
     text = "\n".join(lines) + "\n"
     write_atomic(out / "table.md", text)
     state.update(command=command, machine={"platform": platform.platform(), "cpus": os.cpu_count(),
