@@ -123,6 +123,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    run_dir = out / "general"
+    if (run_dir / "model" / "config.json").exists() and (out / "general_setting.json").exists():
+        # a finished run: its student and the summary of the run that made it stay as they are
+        print(f"reusing {run_dir / 'model'}", flush=True)
+        print((out / "general_setting.json").read_text())
+        return 0
 
     text = out / "glue_train.txt"
     counts = write_glue_train_text(Path(args.glue_dir), text)
@@ -134,12 +140,8 @@ def main(argv=None) -> int:
          "--num_workers", "2", "--progress", "false"], out / "prepare_corpus.log")
     manifest = json.loads((corpus / "manifest.json").read_text())
 
-    run_dir = out / "general"
-    if (run_dir / "model" / "config.json").exists():
+    if (run_dir / "model" / "config.json").exists():  # a finished run without its summary: write one
         print(f"reusing {run_dir / 'model'}", flush=True)
-        if (out / "general_setting.json").exists():  # the summary of the run that made it stays
-            print((out / "general_setting.json").read_text())
-            return 0
     else:
         resume = (run_dir / "checkpoints" / "latest").exists()
         cmd = ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),

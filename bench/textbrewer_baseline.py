@@ -84,11 +84,12 @@ from lrcbert.config import flag, parse_args  # noqa: E402
 from lrcbert.data import glue, glue_metrics  # noqa: E402
 from lrcbert.data.batches import Encoded, TrainOrder, collate, encode  # noqa: E402
 from lrcbert.data.text import load_tokenizer  # noqa: E402
-from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.errors import UserError, exit_on_user_error  # noqa: E402
+from lrcbert.flags import GlueStudentFlags, StudentFlags  # noqa: E402
 from lrcbert.files import write_json_atomic  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, uniform_layer_map  # noqa: E402
 from lrcbert.method.schedule import warmup_linear_decay, warmup_steps_from  # noqa: E402
-from lrcbert.models import (StudentShape, build_student, check_positions, check_teacher_labels,  # noqa: E402
+from lrcbert.models import (build_student, check_positions, check_teacher_labels,  # noqa: E402
                             count_parameters, export_hf, init_regression_head, load_config, load_teacher,
                             student_config_for)
 from lrcbert.runtime.checkpoints import seed_everything  # noqa: E402
@@ -98,32 +99,15 @@ STAGE = "textbrewer"
 
 
 @dataclass
-class BaselineArgs:
-    """TinyBERT-style task distillation with TextBrewer's GeneralDistiller (an external baseline)."""
+class BaselineArgs(GlueStudentFlags, StudentFlags):
+    """TinyBERT-style task distillation with TextBrewer's GeneralDistiller (an external baseline).
+    Task, data, student and optimizer flags are finetune/glue.py's (lrcbert/flags.py)."""
 
     finetuned_teacher: str = flag("the fine-tuned teacher: a finetune/glue.py --stage teacher output dir "
                                   "or its model/ folder (a Hugging Face classifier dir)")
-    task: str = flag("GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
     output_dir: str = flag("where model/, eval_results.json, args.json, curve.json and textbrewer/ go")
-    data_dir: str | None = flag("GLUE task folder with the train/dev TSV files; without it the task comes "
-                                "from the hub via datasets", None)
-    student: str | None = flag("student HF dir (e.g. a general-distilled student); default: a fresh student "
-                               "of --student_* shape with the teacher's vocabulary", None)
-    student_layers: int = flag("fresh student: layers", 4)
-    student_hidden: int = flag("fresh student: hidden size", 312)
-    student_intermediate: int = flag("fresh student: FFN size", 1200)
-    student_heads: int = flag("fresh student: attention heads", 12)
-    max_seq_length: int = flag("tokens per example, special tokens included", 128)
-    max_train_samples: int = flag("use the first N training examples (-1: all)", -1)
-    max_eval_samples: int = flag("use the first N examples of each dev split (-1: all)", -1)
     max_steps: int = flag("optimizer steps (required, > 0)", -1)
     train_batch_size: int = flag("examples per optimizer step", 16)
-    eval_batch_size: int = flag("examples per evaluation batch", 64)
-    learning_rate: float = flag("peak learning rate", 1e-4)
-    warmup: float = flag("warm-up: a fraction of the steps if < 1, else a step count", 0.1)
-    weight_decay: float = flag("AdamW weight decay (not on biases/LayerNorm)", 0.01)
-    max_grad_norm: float = flag("gradient clipping of the student's parameters (0 = off)", 1.0)
-    temperature: float = flag("soft-loss temperature (classification)", 1.1)
     eval_steps: int = flag("also evaluate on dev every N steps, curve in OUTPUT_DIR/curve.json (0 = only at the end)",
                            0)
     seed: int = flag("random seed (data order, initialization, dropout)", 42)
@@ -178,7 +162,7 @@ def setup(args: BaselineArgs) -> Prepared:
     teacher_cfg = load_config(teacher_dir, "teacher")
     check_teacher_labels(task, teacher_cfg, teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
-    shape = StudentShape(args.student_layers, args.student_hidden, args.student_intermediate, args.student_heads)
+    shape = args.student_shape
     student_cfg = student_config_for(args.student, teacher_cfg, shape, tokenizer)
     check_positions(args.max_seq_length, teacher=teacher_cfg, student=student_cfg)
     m, n = student_cfg.num_hidden_layers, teacher_cfg.num_hidden_layers
@@ -294,13 +278,10 @@ def loss_summary(log_dir: str) -> dict | None:
 
 # ------------------------------------------------------------------------------------ main
 
+@exit_on_user_error
 def main(argv=None) -> int:
-    try:
-        args = parse_args(BaselineArgs, argv)
-        train(args, setup(args))  # setup: every check on the input, before any model or output
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = parse_args(BaselineArgs, argv)
+    train(args, setup(args))  # setup: every check on the input, before any model or output
     return 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lrcbert.data import glue  # noqa: E402
-from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.errors import UserError, exit_on_user_error  # noqa: E402
 from lrcbert.files import write_atomic  # noqa: E402
 
 LEADERBOARD_FILES = ("CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv", "MNLI-mm.tsv",
@@ -173,28 +173,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        sweep = Path(args.sweep)
-        if not sweep.is_dir():
-            raise UserError(f"sweep folder not found: {sweep}")
-        runs = find_runs(sweep)
-        if not runs:
-            raise UserError(f"no finished run (TASK/lrRATE[/seedSEED]/eval_results.json) under {sweep}")
-        table = collect(runs)
-        out = Path(args.out or sweep)
-        out.mkdir(parents=True, exist_ok=True)
-        text = to_markdown(table, str(sweep))
-        write_atomic(str(out / "glue_table.md"), text)
-        write_atomic(str(out / "glue_table.json"), json.dumps(table, indent=2) + "\n")
-        print(text)
-        if args.zip:
-            write_zip(leaderboard_files(table, args.glue_dir), args.zip)
-            print(f"wrote {args.zip} ({', '.join(LEADERBOARD_FILES)})")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    sweep = Path(args.sweep)
+    if not sweep.is_dir():
+        raise UserError(f"sweep folder not found: {sweep}")
+    runs = find_runs(sweep)
+    if not runs:
+        raise UserError(f"no finished run (TASK/lrRATE[/seedSEED]/eval_results.json) under {sweep}")
+    table = collect(runs)
+    out = Path(args.out or sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_markdown(table, str(sweep))
+    write_atomic(str(out / "glue_table.md"), text)
+    write_atomic(str(out / "glue_table.json"), json.dumps(table, indent=2) + "\n")
+    print(text)
+    if args.zip:
+        write_zip(leaderboard_files(table, args.glue_dir), args.zip)
+        print(f"wrote {args.zip} ({', '.join(LEADERBOARD_FILES)})")
     return 0
 
 

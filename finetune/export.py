@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.errors import exit_on_user_error  # noqa: E402
 
 PARITY_FAILED = 4
 
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
     from lrcbert.export import ParityError, ParityLimits, check_model_dir, check_parity, describe, export_onnx, \
@@ -82,9 +83,6 @@ def main(argv=None) -> int:
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return PARITY_FAILED
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

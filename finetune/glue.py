@@ -30,7 +30,7 @@ from lrcbert.data import glue, glue_metrics  # noqa: E402
 from lrcbert.data.batches import Encoded, TrainOrder, collate, encode, eval_shard  # noqa: E402
 from lrcbert.data.text import load_tokenizer  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
-from lrcbert.flags import SharedFlags  # noqa: E402
+from lrcbert.flags import GlueStudentFlags, SharedFlags  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
@@ -53,27 +53,18 @@ from lrcbert.runtime.run import Run, RunSettings  # noqa: E402
 
 
 @dataclass
-class GlueArgs(SharedFlags):
+class GlueArgs(GlueStudentFlags, SharedFlags):
     """LRC-BERT task distillation on GLUE (default), or teacher fine-tuning (--stage teacher)."""
 
-    task: str = flag("GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
     teacher: str = flag("teacher: HF model dir or hub name (for --stage teacher: the pretrained encoder to fine-tune)")
     output_dir: str = flag("where model/, eval_results.json, checkpoints/, tensorboard/ go")
-    data_dir: str | None = flag("GLUE task folder with the original train/dev/test TSV files; "
-                                "without it the task comes from the hub via datasets", None)
-    student: str | None = flag("student HF dir (e.g. a general-distilled student); "
-                               "default: a fresh student of --student_* shape with the teacher's vocabulary", None)
     stage: str = flag("distill: LRC-BERT student from a fine-tuned teacher; teacher: fine-tune the teacher",
                       "distill", choices=["distill", "teacher"])
     precision: str = flag("fp32, fp16 (dynamic loss scale) or bf16", "fp32", choices=PRECISIONS)
     micro_batch_size: int = flag("examples per rank per micro-step (paper: batch 16)", 16)
-    learning_rate: float = flag("peak learning rate (paper sweeps 5e-5, 1e-4, 3e-4)", 1e-4)
-    warmup: float = flag("warm-up: a fraction of the steps if < 1, else a step count", 0.1)
     num_epochs: float | None = flag("epochs; default from the task table "
                                     "(90 for datasets under 10k examples, 18 otherwise)", None)
     max_steps: int = flag("optimizer steps; overrides --num_epochs when > 0", -1)
-    max_seq_length: int = flag("tokens per example, special tokens included", 128)
-    temperature: float = flag("soft-loss temperature t", 1.1)
     stage1_fraction: float = flag("fraction of steps in loss stage 1 (0 = no two-stage schedule)", 0.8)
     stage1_weights: str = flag("alpha:beta:gamma in stage 1", "1:0:0")
     stage2_weights: str = flag("alpha:beta:gamma in stage 2", "1:1:3")
@@ -90,10 +81,7 @@ class GlueArgs(SharedFlags):
     eval_steps: int = flag("evaluate on dev every N steps (0 = only at the end)", 0)
     save_steps: int = flag("checkpoint every N steps (0 = only at the end)", 500)
     resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest", False)
-    max_train_samples: int = flag("use the first N training examples (debugging, small runs)", -1)
-    max_eval_samples: int = flag("use the first N examples of each dev split", -1)
     max_test_samples: int = flag("use the first N examples of each test split", -1)
-    eval_batch_size: int = flag("examples per rank per evaluation batch", 64)
 
 
 # ------------------------------------------------------------------------------------ setup

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from lrcbert.data import glue, glue_metrics  # noqa: E402
 from lrcbert.config import parse_args  # noqa: E402
-from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.errors import UserError, exit_on_user_error  # noqa: E402
 from lrcbert.inference import load_classifier_for_inference, predict_logits  # noqa: E402
 
 
@@ -68,13 +68,9 @@ def score(args: ScoreArgs) -> dict[str, dict[str, float]]:
     return results
 
 
+@exit_on_user_error
 def main(argv=None) -> int:
-    args = parse_args(ScoreArgs, argv)
-    try:
-        print(json.dumps(score(args)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(json.dumps(score(parse_args(ScoreArgs, argv))))
     return 0
 
 

@@ -55,8 +55,11 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     own = cls.__dict__.get("__annotations__", {})
-    # the class's own flags (e.g. a recipe's required ones) first, inherited shared ones after
-    ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+    # required flags first, then the class's own, then inherited shared ones
+    def required(f) -> bool:
+        return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: (not required(f), f.name not in own))
     for field in ordered:
         tp = _base_type(hints[field.name])
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", "")}

@@ -7,3 +7,20 @@ class UserError(ValueError):
     Recipes catch it, print ``error: <message>`` on rank 0 and exit with status 2,
     before any training state is created or overwritten.
     """
+
+
+def exit_on_user_error(main):
+    """Decorate a command's ``main(argv) -> int``: a ``UserError`` becomes one line,
+    ``error: <message>`` on stderr, and exit status 2 (the convention of every recipe)."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper

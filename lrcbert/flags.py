@@ -12,15 +12,48 @@ from lrcbert.models import StudentShape
 
 
 @dataclass(kw_only=True)
-class SharedFlags:
+class StudentFlags:
+    """The shape of a fresh student, and the optimizer's regularizers: every student run has them."""
+
+    student_layers: int = flag("fresh student: layers", 4)
+    student_hidden: int = flag("fresh student: hidden size", 312)
+    student_intermediate: int = flag("fresh student: FFN size", 1200)
+    student_heads: int = flag("fresh student: attention heads", 12)
+    weight_decay: float = flag("AdamW weight decay (not on biases/LayerNorm)", 0.01)
+    max_grad_norm: float = flag("gradient clipping (0 = off)", 1.0)
+
+    @property
+    def student_shape(self) -> StudentShape:
+        return StudentShape(self.student_layers, self.student_hidden, self.student_intermediate, self.student_heads)
+
+
+@dataclass(kw_only=True)
+class GlueStudentFlags:
+    """A student trained on one GLUE task: the data, its size, and the optimizer's rate
+    (finetune/glue.py and the external baselines in bench/ declare them once, here)."""
+
+    task: str = flag("GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
+    data_dir: str | None = flag("GLUE task folder with the original train/dev/test TSV files; "
+                                "without it the task comes from the hub via datasets", None)
+    student: str | None = flag("student HF dir (e.g. a general-distilled student); "
+                               "default: a fresh student of --student_* shape with the teacher's vocabulary", None)
+    max_seq_length: int = flag("tokens per example, special tokens included", 128)
+    max_train_samples: int = flag("use the first N training examples (-1: all)", -1)
+    max_eval_samples: int = flag("use the first N examples of each dev split (-1: all)", -1)
+    eval_batch_size: int = flag("examples per rank per evaluation batch", 64)
+    learning_rate: float = flag("peak learning rate (paper sweeps 5e-5, 1e-4, 3e-4)", 1e-4)
+    warmup: float = flag("warm-up: a fraction of the steps if < 1, else a step count", 0.1)
+    temperature: float = flag("soft-loss temperature t", 1.1)
+
+
+@dataclass(kw_only=True)
+class SharedFlags(StudentFlags):
     """Engine, objective, student-shape and run-control flags of finetune/glue.py and pretrain/general_distill.py."""
 
     # the engine
     ds_config: str = flag("DeepSpeed config (ZeRO knobs; batch, clipping and precision are 'auto')",
                           "ds_configs/z2.json")
     gradient_accumulation_steps: int = flag("micro-steps per optimizer step", 1)
-    weight_decay: float = flag("AdamW weight decay (not on biases/LayerNorm)", 0.01)
-    max_grad_norm: float = flag("gradient clipping (0 = off)", 1.0)
     # the LRC-BERT objective
     pooling: str = flag("pooling of layer outputs for COS-NCE", "flatten", choices=POOLING_MODES)
     perturb: bool = flag("gradient perturbation on the student's embedding output", True)
@@ -30,11 +63,6 @@ class SharedFlags:
     perturb_mode: str = flag("replace: train on L(e') only (paper); add: L(e) + L(e')", "replace",
                              choices=PERTURB_MODES)
     layer_map: str = flag("teacher layer per student layer, e.g. 3,6,9,12; auto = floor(i*N/M)", "auto")
-    # a fresh student
-    student_layers: int = flag("fresh student: layers", 4)
-    student_hidden: int = flag("fresh student: hidden size", 312)
-    student_intermediate: int = flag("fresh student: FFN size", 1200)
-    student_heads: int = flag("fresh student: attention heads", 12)
     # run control
     stop_after_steps: int = flag("checkpoint and stop after this many steps without changing the schedule "
                                  "(resume later with --resume)", -1)
@@ -60,7 +88,3 @@ class SharedFlags:
     @property
     def perturbation(self) -> PerturbConfig:
         return PerturbConfig(self.perturb, self.epsilon, self.perturb_mode, self.epsilon_relative)
-
-    @property
-    def student_shape(self) -> StudentShape:
-        return StudentShape(self.student_layers, self.student_hidden, self.student_intermediate, self.student_heads)

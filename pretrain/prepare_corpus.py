@@ -20,16 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lrcbert.config import parse_args  # noqa: E402
 # no torch below: the spawned tokenizer workers re-import this script
 from lrcbert.data.corpus_build import CorpusConfig, prepare_corpus  # noqa: E402
-from lrcbert.errors import UserError  # noqa: E402
+from lrcbert.errors import exit_on_user_error  # noqa: E402
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(CorpusConfig, argv, description=__doc__)
-    try:
-        report = prepare_corpus(config)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = prepare_corpus(config)
     print(f"{config.output_dir}: {report.summary()}")
     return 0
 
