@@ -65,7 +65,8 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
     num_epochs: float | None = flag("epochs; default from the task table "
                                     "(90 for datasets under 10k examples, 18 otherwise)", None)
     max_steps: int = flag("optimizer steps; overrides --num_epochs when > 0", -1)
-    stage1_fraction: float = flag("fraction of steps in loss stage 1 (0 = no two-stage schedule)", 0.8)
+    stage1_fraction: float = flag("fraction of steps in loss stage 1 (paper: 0.8; 0 = the stage-2 weights from the "
+                                  "first step, measured better at small budgets: docs/METHOD_NOTES.md)", 0.0)
     stage1_weights: str = flag("alpha:beta:gamma in stage 1", "1:0:0")
     stage2_weights: str = flag("alpha:beta:gamma in stage 2", "1:1:3")
     intermediate: str = flag("intermediate-layer loss: cos_nce, mse (TinyBERT-style ablation) or none",

@@ -54,7 +54,7 @@ def write_model_card(model_dir: str, *, title: str, recipe: str, command: str, t
     if distilled:
         about = (f"A {parameters / 1e6:.1f}M-parameter student distilled with LRC-BERT (latent-representation "
                  "contrastive distillation: COS-NCE on intermediate layers, soft and hard prediction-layer "
-                 f"losses, a two-stage loss schedule, gradient perturbation) from the teacher `{teacher}`.")
+                 f"losses, gradient perturbation) from the teacher `{teacher}`.")
     else:
         about = (f"A {parameters / 1e6:.1f}M-parameter teacher: `{teacher}` fine-tuned on the task, "
                  "to distill LRC-BERT students from.")

@@ -15,6 +15,9 @@ pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason=f"shared GLUE data not
 
 SMALL_STUDENT = ["--student_layers", "2", "--student_hidden", "48", "--student_intermediate", "96",
                  "--student_heads", "4"]
+# the paper's two loss stages (not the default): the run switches at step 6 of 8, and the
+# resume test stops at step 5, on the other side of the switch
+PAPER_STAGES = ["--stage1_fraction", "0.8"]
 
 
 def glue_args(task, folder, out, teacher, *extra, train=256, dev=96, test=24):
@@ -63,7 +66,7 @@ def sst2_student(sst2_teacher):
     out = root / "student"
     proc = launch("finetune/glue.py", glue_args("sst2", "SST-2", out, teacher / "model", "--max_steps", "8",
                                                 "--log_steps", "1", "--save_steps", "0", "--teacher_gate", "false",
-                                                *SMALL_STUDENT))
+                                                *PAPER_STAGES, *SMALL_STUDENT))
     assert proc.returncode == 0, tail(proc)
     return root, teacher, out, proc
 
@@ -102,7 +105,7 @@ def test_resume_matches_uninterrupted_run(sst2_student, tmp_path):
     root, teacher, straight, _ = sst2_student
     out = tmp_path / "resumed"
     common = glue_args("sst2", "SST-2", out, teacher / "model", "--max_steps", "8", "--log_steps", "1",
-                       "--save_steps", "0", "--teacher_gate", "false", *SMALL_STUDENT)
+                       "--save_steps", "0", "--teacher_gate", "false", *PAPER_STAGES, *SMALL_STUDENT)
     first = launch("finetune/glue.py", [*common, "--stop_after_steps", "5"])
     assert first.returncode == 0, tail(first)
     assert not (out / "model").exists()

@@ -7,47 +7,97 @@ import sys
 import pytest
 
 from tests.helpers import REPO, make_tiny_encoder, run_group
-from bench.reproduce import ROWS, chance_level, paired_test, summarize_row
+from bench.reproduce import ROWS, chance_level, paired_test, row_command, summarize_row
+from bench.reproduce import parse_args as parse_reproduce_args
 
 
-def test_quick_quality_table(tmp_path):
+def quick_table(tmp_path, rows):
     pytest.importorskip("textbrewer")
     encoder = make_tiny_encoder(tmp_path / "encoder", layers=2)
     out = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--tasks", "sst2", "--teacher", encoder,
-           "--out", str(out)]
+           "--out", str(out), "--rows", ",".join(rows)]
     proc = run_group(cmd, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     state = json.loads((out / "results.json").read_text())
     sst2 = state["tasks"]["sst2"]
     assert sst2["metric"] == "accuracy" and 0.4 < sst2["chance"] < 0.6
-    assert list(sst2["runs"]) == list(ROWS)
+    assert list(sst2["runs"]) == [n for n in ROWS if n in rows]
     for name, summary in sst2["summary"].items():
         assert summary["lr"] == 1e-3 and summary["n"] == 1 and 0.0 <= summary["mean"] <= 1.0
         run = json.loads((out / "sst2" / name / "lr0.001" / "seed1" / "eval_results.json").read_text())
         assert run["steps"] == (20 if name == "teacher" else 8)
         assert run["stage"] == {"teacher": "teacher", "textbrewer": "textbrewer"}.get(name, "distill")
     table = (out / "table.md").read_text()
-    assert all(ROWS[name].description in table for name in ROWS)
+    assert all(ROWS[name].description in table for name in rows)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(state["curves"]) == {n for n, r in ROWS.items() if r.curve}
+    assert set(state["curves"]) == {n for n in rows if ROWS[n].curve}
     assert all(len(points) >= 2 for points in state["curves"].values())  # evals at step 4 and the end
     # the rows really differ: each run's args.json records its flags
-    args_of = {n: json.loads((out / "sst2" / n / "lr0.001" / "seed1" / "args.json").read_text()) for n in ROWS}
+    args_of = {n: json.loads((out / "sst2" / n / "lr0.001" / "seed1" / "args.json").read_text()) for n in rows}
     general = state["general_student"]
     assert args_of["lrc_bert"]["student"] == general and args_of["lrc_bert1"]["student"] is None
     assert args_of["textbrewer"]["student"] == general
-    assert args_of["mse"]["intermediate"] == "mse" and args_of["no_cos_nce"]["intermediate"] == "none"
-    assert args_of["no_perturb"]["perturb"] is False and args_of["lrc_bert"]["perturb"] is True
-    assert args_of["no_two_stage"]["stage1_fraction"] == 0 and args_of["lrc_bert"]["stage1_fraction"] > 0
-    assert args_of["plain_ft"]["stage2_weights"] == "0:0:1"
 
     # a second call reuses every finished run and rewrites the same table
     again = run_group(cmd, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert again.stdout.count("reusing") == len(ROWS)
+    assert again.stdout.count("reusing") == len(rows)
     assert json.loads((out / "results.json").read_text())["tasks"]["sst2"]["summary"] == sst2["summary"]
+    return args_of
+
+
+def test_quick_quality_table(tmp_path):
+    """The CI setting: the three runners (teacher, our recipe, TextBrewer), both student inits."""
+    quick_table(tmp_path, ["teacher", "lrc_bert", "lrc_bert1", "textbrewer"])
+
+
+@pytest.mark.slow
+def test_quick_quality_table_every_row(tmp_path):
+    args_of = quick_table(tmp_path, list(ROWS))
+    assert args_of["mse"]["intermediate"] == "mse" and args_of["no_cos_nce"]["intermediate"] == "none"
+    assert args_of["no_perturb"]["perturb"] is False and args_of["lrc_bert"]["perturb"] is True
+    assert args_of["two_stage"]["stage1_fraction"] == 0.8 and args_of["lrc_bert"]["stage1_fraction"] == 0
+    assert args_of["plain_ft"]["stage2_weights"] == "0:0:1"
+
+
+def test_every_row_command_parses_and_differs_only_by_its_flags(tmp_path):
+    """Each row's command line, built as the table would run it, is accepted by its script's
+    own flag parser and carries the row's settings (no run started)."""
+    from bench.textbrewer_baseline import BaselineArgs
+    from finetune.glue import GlueArgs
+    from lrcbert.config import parse_args
+
+    args = bench_reproduce_args(tmp_path)
+    seen = {}
+    for name, row in ROWS.items():
+        cmd = row_command(args, "sst2", tmp_path, name, 3e-4, 2, tmp_path / name, str(tmp_path / "teacher"))
+        script = next(i for i, c in enumerate(cmd) if c.endswith(".py"))
+        parsed = parse_args(BaselineArgs if row.runner == "textbrewer" else GlueArgs, cmd[script + 1:])
+        assert parsed.learning_rate == 3e-4 and parsed.seed == 2 and parsed.task == "sst2", name
+        assert parsed.student == (args.general_student if row.init == "general" else None), name
+        seen[name] = parsed
+    assert seen["teacher"].stage == "teacher" and seen["lrc_bert"].stage == "distill"
+    defaults = GlueArgs(task="sst2", teacher="t", output_dir="o")
+    lrc = seen["lrc_bert"]
+    for field in ("intermediate", "perturb", "stage1_fraction", "stage2_weights", "epsilon", "perturb_mode"):
+        assert getattr(lrc, field) == getattr(defaults, field), f"LRC-BERT runs the defaults ({field})"
+    assert seen["lrc_bert1"].intermediate == "cos_nce" and seen["lrc_bert1"].stage1_fraction == lrc.stage1_fraction
+    assert seen["mse"].intermediate == "mse" and seen["no_cos_nce"].intermediate == "none"
+    assert seen["no_perturb"].perturb is False and lrc.perturb is True
+    assert seen["two_stage"].stage1_fraction == 0.8 and lrc.stage1_fraction == 0
+    for plain in ("plain_ft", "plain_ft_general"):
+        assert seen[plain].stage2_weights == "0:0:1" and not seen[plain].perturb and seen[plain].intermediate == "none"
+
+
+def bench_reproduce_args(tmp_path):
+    """The table's arguments; the model folders only need to exist (nothing is loaded)."""
+    for name in ("encoder", "general"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    return parse_reproduce_args(["--quick", "--teacher", str(tmp_path / "encoder"), "--general_student",
+                                 str(tmp_path / "general"), "--out", str(tmp_path / "r"), "--tasks", "sst2"])
 
 
 def test_summary_arithmetic():

@@ -10,7 +10,8 @@ Each section of the method (../shared/METHOD.md, docs/METHOD_NOTES.md) and its f
 - Negatives from the other rows of the global batch (task stage): ``negatives.py``.
 - The sharded FIFO memory bank of teacher negatives (general stage): ``bank.py``.
 - Gradient perturbation on the student's embedding output, steps 1-4: ``perturb.py``.
-- The two-stage loss schedule (80% at 1:0:0, then 1:1:3) and the lr schedule: ``schedule.py``.
+- The loss schedule (the paper's two stages, 80% at 1:0:0 then 1:1:3, or 1:1:3 throughout,
+  the task stage's default) and the lr schedule: ``schedule.py``.
 - L_total of one pass, and the loss step of one micro-batch (the teacher once, negatives
   drawn once, the clean pass, the perturbation, the perturbed pass): ``objective.py``.
 
