@@ -1,12 +1,16 @@
-"""One rank of ``bench/memory.py``'s run (started by the ``deepspeed`` launcher, CPU ranks, gloo).
+"""One rank of ``bench/memory.py``'s runs (started by the ``deepspeed`` launcher, CPU ranks, gloo).
 
-    deepspeed --num_gpus 2 bench/dist_memory.py --ds_config ds_configs/z2.json --out_dir DIR
+    deepspeed --num_gpus W bench/dist_memory.py --ds_config ds_configs/z2.json --out_dir DIR
 
-Trains the default student (DistillStudent: 4x312 plus projections to the teacher width) for
-a few steps through ``lrcbert.runtime.engine.Engine`` with COS-NCE-style negatives from the sharded
-``MemoryBank``, and writes ``DIR/rank{R}.json``: peak RSS (VmHWM), RSS before the model,
-the model states this rank holds (parameters, gradients, optimizer states) and the payload
-bytes of every collective of the last step, by source (``bank`` or ``engine``).
+Trains the default student (DistillStudent: 4x312 plus projections to the teacher width; a
+2x64 one with ``--tiny``) for a few steps through ``lrcbert.runtime.engine.Engine``. Each step
+draws K negatives per row from the sharded, grouped ``MemoryBank`` (one draw, one scored
+pass) and enqueues the step's stand-in teacher vectors, and draws and scores the task
+stage's batch negatives (``negatives.batch_negatives``) from the same vectors. Writes
+``DIR/rank{R}.json``: peak RSS (VmHWM), RSS before the model, the model states this rank
+holds (parameters, gradients, optimizer states) and the bytes of every collective of the
+last step by source (``bank``, ``batch_negatives`` or ``engine``: DeepSpeed's own), counted
+by ``bench/collectives.py``.
 """
 
 from __future__ import annotations
@@ -22,41 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-COUNTS: dict[str, dict[str, int]] = {}
-_TAG = ["setup"]
-
-
-def _nbytes(x) -> int:
-    if torch.is_tensor(x):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
-
-
-def _counting(name: str, fn, payload):
-    """Wrap a collective so the logical payload of each call is added to COUNTS[tag][name]."""
-    def wrapper(*args, **kwargs):
-        per_tag = COUNTS.setdefault(_TAG[0], {})
-        per_tag[name] = per_tag.get(name, 0) + payload(*args, **kwargs)
-        return fn(*args, **kwargs)
-    return wrapper
-
-
-def install_counters() -> None:
-    """Before the process group exists: DeepSpeed looks some collectives up once, at start."""
-    arg = lambda key, pos: lambda *a, **k: _nbytes(k[key] if key in k else a[pos])  # noqa: E731
-    wrapped = {"all_reduce": arg("tensor", 0), "broadcast": arg("tensor", 0),
-               "all_gather": arg("tensor_list", 0),  # the gathered list: what each rank ends up with
-               "all_gather_into_tensor": arg("output_tensor", 0),
-               "reduce_scatter_tensor": arg("input", 1),  # the full input each rank contributes
-               "reduce_scatter": arg("input_list", 1), "reduce": arg("tensor", 0),
-               "all_to_all": arg("input_tensor_list", 1),
-               "all_to_all_single": arg("output", 0),  # what this rank receives (the bank's direction sums)
-               "scatter": arg("tensor", 0)}  # gloo's all_to_all (backward of an autograd all_gather) is W scatters
-    for name, payload in wrapped.items():
-        if hasattr(dist, name):
-            setattr(dist, name, _counting(name, getattr(dist, name), payload))
+from bench.collectives import COUNTS, TAG, install_counters, nbytes, payload  # noqa: E402
 
 
 def rss_kib(field: str) -> int:
@@ -76,7 +46,7 @@ def tensor_bytes(obj, seen: set) -> int:
             seen.add(id(state))
             for entry in state.values():
                 if isinstance(entry, dict):
-                    total += sum(_nbytes(v) for v in entry.values() if torch.is_tensor(v) and v.dim() > 0)
+                    total += sum(nbytes(v) for v in entry.values() if torch.is_tensor(v) and v.dim() > 0)
         obj = getattr(obj, "optimizer", None)
         if obj is None:
             break
@@ -91,16 +61,20 @@ def main() -> int:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--teacher_width", type=int, default=768, help="projection width d' (BERT-base: 768)")
     parser.add_argument("--bank_size", type=int, default=256)
+    parser.add_argument("--bank_groups", type=int, default=None,
+                        help="fixed groups of the bank (default: one per rank); the world size must divide it")
     parser.add_argument("--num_negatives", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a 2x64 student (smoke test)")
     parser.add_argument("--local_rank", type=int, default=0)  # the launcher passes it
     args = parser.parse_args()
     install_counters()
+    TAG[0] = "setup"
 
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     from lrcbert.method.bank import MemoryBank
+    from lrcbert.method.negatives import batch_negatives, negative_generator
     from lrcbert.runtime import ds_config as dsc
     from lrcbert.runtime import engine as eng
     from lrcbert.runtime.ranks import barrier
@@ -121,7 +95,7 @@ def main() -> int:
     optimizer = eng.build_optimizer(module, 1e-4, 0.01)
     engine = eng.Engine(module, optimizer, lambda step: 1.0, ds_config)
     dim = args.max_seq_length * args.teacher_width  # flatten pooling
-    bank = MemoryBank(len(layers), args.bank_size, dim, rank, world, torch.float16, seed=0)
+    bank = MemoryBank(len(layers), args.bank_size, dim, rank, world, torch.float16, groups=args.bank_groups, seed=0)
     gen = torch.Generator().manual_seed(rank)
     b, t = args.micro_batch_size, args.max_seq_length
     for start in range(0, args.bank_size, b * world):  # fill the bank (ids no batch uses)
@@ -136,23 +110,22 @@ def main() -> int:
         mask = torch.ones(b, t, dtype=torch.long)
         rows = torch.arange(b) + rank * b + step * b * world
         teacher_vectors = [torch.randn(b, dim, generator=gen) for _ in layers]  # stands in for the teacher
-        _TAG[0] = "engine"
+        TAG[0] = "engine"
         logits, _, _, projected = engine(input_ids, mask, torch.zeros_like(input_ids))
         student_vectors = [p.reshape(b, -1).float() for p in projected]
-        _TAG[0] = "bank"
+        TAG[0] = "bank"  # one draw (ids gathered, direction sums exchanged), one local scored pass
         sums, k = bank.negative_distance_sums(student_vectors, rows, args.num_negatives, bank.make_generator(step))
-        # the bank's backward collectives run between the gradient reaching its outputs and its inputs
-        for out in sums:
-            out.register_hook(lambda grad: _TAG.__setitem__(0, "bank") or grad)
-        for vec in student_vectors:
-            vec.register_hook(lambda grad: _TAG.__setitem__(0, "engine") or grad)
-        loss = sum(s.mean() for s in sums) / k + F.cross_entropy(logits.float(), torch.zeros(b, dtype=torch.long))
-        _TAG[0] = "engine"
+        TAG[0] = "batch_negatives"  # the task stage's source, drawn from the same stand-in vectors
+        negatives = batch_negatives(teacher_vectors, args.num_negatives, negative_generator(0, step))
+        batch_sums, batch_k = negatives(student_vectors)
+        loss = (sum(s.mean() for s in sums) / k + sum(s.mean() for s in batch_sums) / batch_k
+                + F.cross_entropy(logits.float(), torch.zeros(b, dtype=torch.long)))
+        TAG[0] = "engine"  # neither source has a collective in backward: scoring is local
         engine.backward(loss)
         engine.step()
-        _TAG[0] = "bank"
+        TAG[0] = "bank"
         bank.enqueue(teacher_vectors, rows)
-        _TAG[0] = "engine"
+        TAG[0] = "engine"
 
     params_local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) * 4
                        for p in module.parameters())
@@ -160,9 +133,12 @@ def main() -> int:
               "rss_peak_kib": rss_kib("VmHWM"), "rss_end_kib": rss_kib("VmRSS"),
               "rss_before_model_kib": rss_before_model, "param_bytes_local": params_local,
               "optimizer_state_bytes_local": tensor_bytes(engine.engine.optimizer, set()),
-              "bank_bytes_local": bank.bytes_per_rank(), "bank_vector_bytes_local": _nbytes(bank.vectors),
-              "collective_payload_bytes_last_step": COUNTS, "micro_batch_size": b, "max_seq_length": t,
-              "bank_dim": dim, "num_layers_mapped": len(layers), "num_negatives": k}
+              "bank_bytes_local": bank.bytes_per_rank(), "bank_vector_bytes_local": nbytes(bank.vectors),
+              "collective_bytes_last_step": COUNTS,
+              "collective_payload_bytes_last_step": {tag: payload(ops) for tag, ops in COUNTS.items()},
+              "micro_batch_size": b, "max_seq_length": t,
+              "bank_dim": dim, "num_layers_mapped": len(layers), "num_negatives": k,
+              "bank_groups": bank.num_groups, "batch_num_negatives": batch_k}
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f, indent=2)

@@ -90,10 +90,19 @@ def test_memory_bank_halves_and_two_rank_run(tmp_path, capsys):
     check = data["model"]["checks_two_rank"][0]
     assert check["bank_measured_over_model"] == pytest.approx(1.0, rel=0.01)
     assert check["zero_measured_over_model"] == pytest.approx(1.0, rel=0.01)
+    # bytes per rank per step keyed by world size (the quick run counts world 2 only), equal to
+    # the written model; the code before the grouped bank moved every rank's vectors
+    run = data["scaling_run"]["per_world"]["2"]
+    assert data["bank_bytes_per_rank_step"]["2"] == run["model"]["bank"]
+    assert data["batch_negatives_bytes_per_rank_step"]["2"] == run["model"]["batch_negatives"]
+    assert abs(data["zero_bytes_per_rank_step"]["2"] - run["model"]["zero"]) <= 32  # a few scalars
+    assert data["bank_bytes_per_rank_step_before"]["2"] > 4 * data["bank_bytes_per_rank_step"]["2"]
     scaling = {row["world_size"]: row for row in data["model"]["scaling"]}
-    # the bank's vectors move B_local x L x F per rank at any world size; only the ids and the
-    # ring factor (w - 1) / w grow with it
-    assert scaling[8]["bank_wire_bytes"] < scaling[512]["bank_wire_bytes"] < 1.2 * scaling[8]["bank_wire_bytes"]
+    # the bank's vectors move B_local x L x F per rank at any world size; only the ids grow with it
+    after = {world: row["bank_payload_bytes"] for world, row in scaling.items()}
+    assert after[8] < after[512] < 1.01 * after[8]
+    assert scaling[16]["bank_payload_bytes_before"] == pytest.approx(2 * scaling[8]["bank_payload_bytes_before"],
+                                                                     rel=0.01)
 
 
 def test_fast_path_matches_plain_transformers_in_input_order(tmp_path):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: lrcbert
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: lrcbert, bench
+from bench.collectives import COUNTS, TAG, by_kind, install_counters  # noqa: E402
 from lrcbert.method.bank import MemoryBank  # noqa: E402
 
 NUM_LAYERS, SIZE, GROUPS, DIM, IN_FEATURES, K, SEED = 2, 24, 4, 16, 6, 4, 1234
@@ -98,56 +99,6 @@ def fill(bank: MemoryBank, problem: dict, rank: int, world_size: int) -> None:
         bank.enqueue([v[rows] for v in vectors], ids[rows])
 
 
-# ------------------------------------------------------------------------------ byte counting
-
-COUNTS: dict = {}
-_TAG = [None]
-
-
-def _nbytes(x) -> int:
-    if torch.is_tensor(x):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
-
-
-def _kind(x) -> str:
-    t = x if torch.is_tensor(x) else x[0]
-    return "float" if t.is_floating_point() else "int"
-
-
-def install_counters() -> None:
-    """Wrap torch.distributed's collectives: per tag, bytes each rank sends and receives, by kind
-    (int: ids and sizes; float: vectors). all_gather: a rank sends its tensor and ends up with the
-    whole list; all_to_all_single: the input is sent, the output received (own part included)."""
-    import torch.distributed as dist
-
-    def record(kind, sent, received):
-        per = COUNTS.setdefault(_TAG[0], {})
-        per[f"{kind}_sent"] = per.get(f"{kind}_sent", 0) + sent
-        per[f"{kind}_received"] = per.get(f"{kind}_received", 0) + received
-        per["calls"] = per.get("calls", 0) + 1
-
-    def wrap(name, payload):
-        real = getattr(dist, name)
-
-        def wrapper(*args, **kwargs):
-            if _TAG[0] is not None:  # the measured phases call collectives with positional tensors
-                record(*payload(*args, **kwargs))
-            return real(*args, **kwargs)
-        setattr(dist, name, wrapper)
-
-    wrap("all_gather", lambda out, x, *a, **k: (_kind(x), _nbytes(x), _nbytes(out)))
-    wrap("all_to_all_single", lambda out, x, *a, **k: (_kind(x), _nbytes(x), _nbytes(out)))
-    wrap("all_reduce", lambda x, *a, **k: (_kind(x), _nbytes(x), _nbytes(x)))
-    wrap("broadcast", lambda x, *a, **k: (_kind(x), _nbytes(x), _nbytes(x)))
-    wrap("all_gather_into_tensor", lambda out, x, *a, **k: (_kind(x), _nbytes(x), _nbytes(out)))
-    wrap("reduce_scatter_tensor", lambda out, x, *a, **k: (_kind(x), _nbytes(x), _nbytes(out)))
-    wrap("all_to_all", lambda outs, xs, *a, **k: (_kind(xs), _nbytes(xs), _nbytes(outs)))
-    wrap("scatter", lambda x, *a, **k: (_kind(x), _nbytes(x), _nbytes(x)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -203,15 +154,15 @@ def main() -> None:
     rows = rows_of((TRAFFIC_ROWS,) * world, rank, world)
     traffic_z = [v[rows].clone().requires_grad_(True) for v in problem["traffic_z"]]
     dist.barrier()
-    _TAG[0] = "bank_draw_score"
+    TAG[0] = "bank_draw_score"
     drawn = bank.draw(problem["traffic_ids"][rows], K, bank.make_generator(99))
     torch.stack(drawn(traffic_z)[0]).sum().backward()
-    _TAG[0] = "bank_enqueue"
+    TAG[0] = "bank_enqueue"
     bank.enqueue([v.detach() for v in traffic_z], problem["traffic_ids"][rows])
-    _TAG[0] = "batch_draw_score"
+    TAG[0] = "batch_draw_score"
     negatives = batch_negatives([v.detach() for v in traffic_z], BATCH_K, negative_generator(SEED, 4))
     torch.stack(negatives(traffic_z)[0]).sum().backward()
-    _TAG[0] = None
+    TAG[0] = None
 
     result = {
         "loss": loss.detach(), "sums": [s.detach() for s in sums],
@@ -219,7 +170,7 @@ def main() -> None:
         "unequal_sums": [s.detach() for s in unequal_sums], "unequal_grads": [v.grad for v in z],
         "batch_sums": [s.detach() for s in batch_sums], "batch_grads": [v.grad for v in batch_z], "batch_k": batch_k,
         "contents": contents, "contents_ids": contents_ids,
-        "shard": shard, "traffic": COUNTS,
+        "shard": shard, "traffic": {tag: by_kind(ops) for tag, ops in COUNTS.items()},
     }
     os.makedirs(args.out, exist_ok=True)
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
