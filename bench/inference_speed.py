@@ -71,13 +71,20 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
 
 
-def save_models(tmp: str) -> tuple[str, str]:
-    """A BERT-base-config teacher and the default student, as Hugging Face dirs (random weights)."""
+TINY_TEACHER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+TINY_STUDENT = StudentShape(2, 32, 64, 4)
+
+
+def save_models(tmp: str, tiny: bool = False) -> tuple[str, str]:
+    """A BERT-base-config teacher and the default student, as Hugging Face dirs (random weights);
+    ``tiny``: a 2 x 64 teacher and a 2 x 32 student (a smoke test of the paths, no speed figure)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
     labels = ["negative", "positive"]
-    teacher_cfg = BertConfig(vocab_size=tokenizer.vocab_size)  # BERT-base: 12 x 768, 3072 FFN, 12 heads
+    # BERT-base: 12 x 768, 3072 FFN, 12 heads
+    teacher_cfg = BertConfig(vocab_size=tokenizer.vocab_size, **(TINY_TEACHER if tiny else {}))
     dirs = []
-    for name, cfg in (("teacher", teacher_cfg), ("student", student_config(teacher_cfg, StudentShape()))):
+    shape = TINY_STUDENT if tiny else StudentShape()
+    for name, cfg in (("teacher", teacher_cfg), ("student", student_config(teacher_cfg, shape))):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(with_labels(cfg, labels))
         path = os.path.join(tmp, name)
@@ -129,6 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the PyTorch paths run (cuda: ONNX Runtime is skipped)")
     parser.add_argument("--batch_size", type=int, default=32, help="the big batch's rows (seq 128)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models (2 x 64 teacher, 2 x 32 student): "
+                        "checks the paths, measures nothing")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to PyTorch")
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
 
 
 def measure(args, report: Report, repeats: int, tmp: str) -> int:
-    teacher_dir, student_dir = save_models(tmp)
+    teacher_dir, student_dir = save_models(tmp, args.tiny)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     pad_id = tokenizer.pad_token_id
 
@@ -175,9 +184,10 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
             models.setdefault("onnx_int8", {})[role] = OnnxClassifier(paths.int8, threads)
     t_cfg, s_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_dir)
     t_params, s_params = count_parameters(models["fast"]["teacher"]), count_parameters(models["fast"]["student"])
-    report.data.update({"teacher": {"config": "bert-base (12x768, 3072, 12 heads)",
-                                    "parameters": t_params},
-                        "student": {"config": "4x312, 1200, 12 heads", "parameters": s_params},
+    report.data.update({"teacher": {"config": "tiny (2x64, 128, 4 heads)" if args.tiny else
+                                    "bert-base (12x768, 3072, 12 heads)", "parameters": t_params},
+                        "student": {"config": "tiny (2x32, 64, 4 heads)" if args.tiny else "4x312, 1200, 12 heads",
+                                    "parameters": s_params},
                         "param_ratio": t_params / s_params, "repeats": repeats, "threads": torch.get_num_threads(),
                         "device": args.device})
     report.say(f"teacher {t_params / 1e6:.1f}M parameters, student {s_params / 1e6:.1f}M "
