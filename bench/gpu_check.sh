@@ -38,12 +38,8 @@ use_kit_data() {
     fi
 }
 
-report_file() {  # the kit check's report: beside the check's JSON in $OUT, else a temporary file
-    if [ -n "${OUT:-}" ]; then
-        mkdir -p "$OUT" && echo "$OUT/gpu_kit_check.json"
-    else
-        mktemp --suffix=-gpu_kit_check.json
-    fi
+report_file() {  # the kit check's report: a temporary file, copied into the check's one JSON
+    mktemp --suffix=-gpu_kit_check.json
 }
 
 case "$MODE" in
