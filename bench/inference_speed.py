@@ -1,6 +1,6 @@
 """Inference speed: the default LRC-BERT student against a BERT-base-config teacher.
 
-    python bench/inference_speed.py [--json] [--quick] [--compile]
+    python bench/inference_speed.py [--json] [--quick] [--compile] [--device cuda] [--fp16]
 
 Both models are saved as Hugging Face directories and loaded the way a user of an
 exported student loads one (``AutoModelForSequenceClassification.from_pretrained``), random
@@ -13,11 +13,17 @@ interleaved in one loop (median of repeats):
 - ``fast``: ``lrcbert.inference`` (SDPA attention, ``torch.inference_mode``, length-bucketed
   batches, no attention mask when nothing is padded);
 - ``fast_bf16``: the fast path with bf16 weights and activations (this CPU has AVX512-BF16);
+- ``fast_fp16`` (with ``--fp16``): the fast path in fp16 (for GPUs; CPUs without AVX512-FP16 run
+  it slowly);
 - ``compiled`` (with ``--compile``): the fast path under ``torch.compile``;
 - ``onnx_fp32`` and ``onnx_int8``: the models exported by ``lrcbert.export`` (``lrcbert-export``)
   and run by ONNX Runtime with the same length-bucketed batches and as many threads as torch
   (skipped with ``--no_onnx`` or without onnxruntime). ``int8_student_over_pytorch_student`` is
   the int8 student's speed over the fp32 PyTorch fast path's student.
+
+``--device cuda`` runs every PyTorch path on the GPU (batches are moved there; each timed pass
+ends with ``torch.cuda.synchronize``) and skips ONNX Runtime; ``--batch_size`` sets the big
+batch (a GPU wants more than 32 rows).
 
 FLOPs are counted analytically (matmuls only: 2 * weights per token plus attention
 4 * T * d per token per layer), parameters with ``numel``.
@@ -38,7 +44,7 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from bench.common import SHARED_DATA, Report, base_parser, median_ms, offline_teacher_dir, plot_bars  # noqa: E402
+from bench.common import SHARED_DATA, Report, base_parser, median_ms, plot_bars, tokenizer_dir  # noqa: E402
 from lrcbert.data import glue  # noqa: E402
 from lrcbert.inference import load_classifier_for_inference, predict_encoded  # noqa: E402
 from lrcbert.models import StudentShape, count_parameters, student_config, with_labels  # noqa: E402
@@ -65,13 +71,20 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
 
 
-def save_models(tmp: str) -> tuple[str, str]:
-    """A BERT-base-config teacher and the default student, as Hugging Face dirs (random weights)."""
-    tokenizer = AutoTokenizer.from_pretrained(offline_teacher_dir())
+TINY_TEACHER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+TINY_STUDENT = StudentShape(2, 32, 64, 4)
+
+
+def save_models(tmp: str, tiny: bool = False) -> tuple[str, str]:
+    """A BERT-base-config teacher and the default student, as Hugging Face dirs (random weights);
+    ``tiny``: a 2 x 64 teacher and a 2 x 32 student (a smoke test of the paths, no speed figure)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
     labels = ["negative", "positive"]
-    teacher_cfg = BertConfig(vocab_size=tokenizer.vocab_size)  # BERT-base: 12 x 768, 3072 FFN, 12 heads
+    # BERT-base: 12 x 768, 3072 FFN, 12 heads
+    teacher_cfg = BertConfig(vocab_size=tokenizer.vocab_size, **(TINY_TEACHER if tiny else {}))
     dirs = []
-    for name, cfg in (("teacher", teacher_cfg), ("student", student_config(teacher_cfg, StudentShape()))):
+    shape = TINY_STUDENT if tiny else StudentShape()
+    for name, cfg in (("teacher", teacher_cfg), ("student", student_config(teacher_cfg, shape))):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(with_labels(cfg, labels))
         path = os.path.join(tmp, name)
@@ -83,6 +96,7 @@ def save_models(tmp: str) -> tuple[str, str]:
 
 def plain_predict(model, input_ids, pad_id: int, batch_size: int) -> None:
     """Batches in data order, padded to their longest row, attention mask always passed."""
+    device = model.device
     with torch.no_grad():
         for start in range(0, len(input_ids), batch_size):
             rows = input_ids[start:start + batch_size]
@@ -92,12 +106,13 @@ def plain_predict(model, input_ids, pad_id: int, batch_size: int) -> None:
             for i, r in enumerate(rows):
                 ids[i, :len(r)] = torch.tensor(r)
                 mask[i, :len(r)] = 1
+            ids, mask = ids.to(device), mask.to(device)
             model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
 
 
 def settings_for(args, tokenizer) -> list[dict]:
     """Each setting: name, the token-id rows, batch size."""
-    seq, big = (16, 2) if args.quick else (128, 32)
+    seq, big = (16, 2) if args.quick else (128, args.batch_size)
     gen = torch.Generator().manual_seed(0)
     fixed = lambda n: torch.randint(1000, 29000, (n, seq), generator=gen).tolist()  # noqa: E731
     task = glue.get_task("sst2")
@@ -117,7 +132,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no_bf16", action="store_true", help="skip the bf16 fast path")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime fp32/int8 paths")
+    parser.add_argument("--fp16", action="store_true", help="also time the fast path in fp16")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the PyTorch paths run (cuda: ONNX Runtime is skipped)")
+    parser.add_argument("--batch_size", type=int, default=32, help="the big batch's rows (seq 128)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models (2 x 64 teacher, 2 x 32 student): "
+                        "checks the paths, measures nothing")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to PyTorch")
     hf_logging.disable_progress_bar()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -131,23 +154,26 @@ def main(argv=None) -> int:
 
 
 def measure(args, report: Report, repeats: int, tmp: str) -> int:
-    teacher_dir, student_dir = save_models(tmp)
+    teacher_dir, student_dir = save_models(tmp, args.tiny)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     pad_id = tokenizer.pad_token_id
 
     models = {"plain": {}, "fast": {}}
+    device = torch.device(args.device)
     for role, path in (("teacher", teacher_dir), ("student", student_dir)):
-        models["plain"][role] = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
-        models["fast"][role] = load_classifier_for_inference(path)
-    if not args.no_bf16:
-        models["fast_bf16"] = {role: load_classifier_for_inference(p, dtype=torch.bfloat16)
-                               for role, p in (("teacher", teacher_dir), ("student", student_dir))}
+        models["plain"][role] = AutoModelForSequenceClassification.from_pretrained(
+            path, attn_implementation="eager").eval().to(device)
+        models["fast"][role] = load_classifier_for_inference(path).to(device)
+    for name, dtype, wanted in (("fast_bf16", torch.bfloat16, not args.no_bf16), ("fast_fp16", torch.float16, args.fp16)):
+        if wanted:
+            models[name] = {role: load_classifier_for_inference(p, dtype=dtype).to(device)
+                            for role, p in (("teacher", teacher_dir), ("student", student_dir))}
     if args.compile:
         models["compiled"] = {role: load_classifier_for_inference(p) for role, p in (("teacher", teacher_dir),
                                                                                       ("student", student_dir))}
         for model in models["compiled"].values():
             model.forward = torch.compile(model.forward, dynamic=True)
-    if not args.no_onnx and onnx_available():
+    if not args.no_onnx and args.device == "cpu" and onnx_available():
         from lrcbert.export import OnnxClassifier, export_onnx, quantize_int8
 
         for role, path in (("teacher", teacher_dir), ("student", student_dir)):
@@ -158,14 +184,22 @@ def measure(args, report: Report, repeats: int, tmp: str) -> int:
             models.setdefault("onnx_int8", {})[role] = OnnxClassifier(paths.int8, threads)
     t_cfg, s_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(student_dir)
     t_params, s_params = count_parameters(models["fast"]["teacher"]), count_parameters(models["fast"]["student"])
-    report.data.update({"teacher": {"config": "bert-base (12x768, 3072, 12 heads)",
-                                    "parameters": t_params},
-                        "student": {"config": "4x312, 1200, 12 heads", "parameters": s_params},
-                        "param_ratio": t_params / s_params, "repeats": repeats, "threads": torch.get_num_threads()})
+    report.data.update({"teacher": {"config": "tiny (2x64, 128, 4 heads)" if args.tiny else
+                                    "bert-base (12x768, 3072, 12 heads)", "parameters": t_params},
+                        "student": {"config": "tiny (2x32, 64, 4 heads)" if args.tiny else "4x312, 1200, 12 heads",
+                                    "parameters": s_params},
+                        "param_ratio": t_params / s_params, "repeats": repeats, "threads": torch.get_num_threads(),
+                        "device": args.device})
     report.say(f"teacher {t_params / 1e6:.1f}M parameters, student {s_params / 1e6:.1f}M "
                f"(x{t_params / s_params:.2f} smaller); {torch.get_num_threads()} threads, {repeats} repeats")
 
     def run(path: str, role: str, setting: dict):
+        if args.device == "cuda":  # the GPU works asynchronously: a pass ends when its kernels are done
+            fn = run_async(path, role, setting)
+            return lambda: (fn(), torch.cuda.synchronize())
+        return run_async(path, role, setting)
+
+    def run_async(path: str, role: str, setting: dict):
         model = models[path][role]
         if path == "plain":
             return lambda: plain_predict(model, setting["rows"], pad_id, setting["batch_size"])

@@ -58,17 +58,18 @@ def tokenize(tokenizer, text_a: list[str], text_b: list[str] | None, max_seq_len
 @torch.inference_mode()
 def predict_encoded(model, input_ids: list[list[int]], token_type_ids: list[list[int]] | None, pad_id: int,
                     batch_size: int = 64) -> torch.Tensor:
-    """(N, num_labels) fp32 logits, in input order, from length-bucketed batches."""
+    """(N, num_labels) fp32 logits on the CPU, in input order, from length-bucketed batches (on the
+    model's device: a model on a GPU gets its batches there)."""
     if not input_ids:
         return torch.zeros(0, model.config.num_labels)
     out: list[torch.Tensor | None] = [None] * len(input_ids)
     for rows in length_buckets([len(ids) for ids in input_ids], batch_size):
         batch = pad_batch([input_ids[r] for r in rows],
                           [token_type_ids[r] for r in rows] if token_type_ids is not None else None, pad_id)
-        logits = model(**batch).logits.float()
+        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
         for r, logit in zip(rows, logits):
             out[r] = logit
-    return torch.stack(out)
+    return torch.stack(out).cpu()
 
 
 def predict_logits(model, tokenizer, text_a: list[str], text_b: list[str] | None = None,

