@@ -42,7 +42,7 @@ from lrcbert.models import (DistillStudent, build_student, check_positions, chec
                             student_config_for)
 from lrcbert.model_card import command_line, write_model_card  # noqa: E402
 from lrcbert.monitor import Monitor  # noqa: E402
-from lrcbert.runtime.checkpoints import check_output_dir, check_resume  # noqa: E402
+from lrcbert.runtime.checkpoints import check_output_dir, resume_layout, resumed_micro_step  # noqa: E402
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
                                        resolve_ds_config)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
@@ -81,7 +81,8 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
                             choices=["per_stage", "whole_run"])
     eval_steps: int = flag("evaluate on dev every N steps (0 = only at the end)", 0)
     save_steps: int = flag("checkpoint every N steps (0 = only at the end)", 500)
-    resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest", False)
+    resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest, at this or another world size (the global "
+                        "batch is kept)", False)
     max_test_samples: int = flag("use the first N examples of each test split", -1)
 
 
@@ -115,12 +116,13 @@ def setup(args: GlueArgs) -> Prepared:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     world = args.planned_world_size(env_world_size())
+    elastic = resume_layout(args, world, 0 if args.dry_run else env_rank())
     settings = TrainerSettings(args.micro_batch_size, args.gradient_accumulation_steps, world,
                                args.max_grad_norm, args.precision)
     ds_config = resolve_ds_config(args.ds_config, settings)
+    if elastic is not None and elastic.universal:
+        ds_config["checkpoint"] = dict(ds_config.get("checkpoint", {}), load_universal=True)
     check_precision_supported(args.precision)
-    if args.resume:  # the data position is a per-rank micro-step count: only the saving world size continues it
-        check_resume(os.path.join(args.output_dir, "checkpoints"), world, reshardable=False)
     if args.stage == "distill" and args.perturb:
         check_perturbation_supported(ds_config, args.ds_config)
     teacher_cfg = load_config(args.teacher, "teacher")
@@ -299,7 +301,8 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     run.seed_dropout(args.seed)
     micro_step = 0
     if args.resume:
-        micro_step = int(run.resume(engine)["micro_step"])
+        # a global batch is a fixed span of the epoch's permutation whatever the layout: only the count converts
+        micro_step = resumed_micro_step(run.resume(engine), args.gradient_accumulation_steps)
         if run.is_main:
             print(f"resumed from step {engine.global_steps} ({micro_step} micro-batches consumed)")
 

@@ -35,10 +35,10 @@ Choices of ours (the paper gives no general-distillation recipe beyond "COS-NCE 
 - A rank that dies (SIGKILL, OOM) is noticed by the others' watchdog (``lrcbert.runtime.guards.Watchdog``):
   they exit with status 3 and a message naming it instead of waiting in a collective. A NaN/inf
   loss stops the run with an error naming the step and the corpus rows of the micro-batch.
-- ``--resume`` at another world size re-shards the bank (``MemoryBank.reshard``) and converts
-  the data position; DeepSpeed 0.19 reloads ZeRO-partitioned optimizer state only at the world
-  size that saved it, so with ZeRO-1/2/3 (or bf16's optimizer) such a resume is refused at
-  start-up; a ZeRO-0 fp32 run can change its world size.
+- ``--resume`` at another world size keeps the global batch (micro batch or accumulation
+  adjusted, said in one start-up line), re-shards the bank (``MemoryBank.reshard``), converts
+  the data position, and loads ZeRO-partitioned optimizer state through DeepSpeed's universal
+  checkpoint (docs/OPERATING.md, "Resume at another world size").
 
 ``--config FILE.json`` reads flag values from a JSON object whose keys are flag names
 (``{"micro_batch_size": 32, "perturb": true}``); flags on the command line override it and
@@ -73,7 +73,7 @@ from lrcbert.models import (DistillStudent, build_student, check_positions, coun
                             load_config, load_teacher, student_config_for)
 from lrcbert.model_card import command_line, write_model_card  # noqa: E402
 from lrcbert.monitor import Monitor  # noqa: E402
-from lrcbert.runtime.checkpoints import check_output_dir, check_resume  # noqa: E402
+from lrcbert.runtime.checkpoints import check_output_dir, resume_layout, resumed_micro_step  # noqa: E402
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
                                        resolve_ds_config)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
@@ -115,8 +115,8 @@ class PretrainArgs(SharedFlags):
                             "hold more than K slots", DEFAULT_GROUPS)
     bank_dtype: str = flag("storage precision of the bank's vectors (maths is fp32)", "fp16", choices=DTYPES)
     save_steps: int = flag("checkpoint every N steps (0 = only at the end)", 1000)
-    resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest (another world size only without "
-                        "ZeRO partitions: the bank is re-sharded)", False)
+    resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest, at this or another world size (the global "
+                        "batch is kept; the bank is re-sharded)", False)
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -152,12 +152,13 @@ def setup(args: PretrainArgs) -> Prepared:
         raise UserError("--save_steps must be 0 (only at the end) or positive")
     world = args.planned_world_size(env_world_size())
     rank = 0 if args.dry_run else env_rank()
+    elastic = resume_layout(args, world, rank)
     settings = TrainerSettings(args.micro_batch_size, args.gradient_accumulation_steps, world,
                                args.max_grad_norm, args.precision)
     ds_config = resolve_ds_config(args.ds_config, settings)
+    if elastic is not None and elastic.universal:
+        ds_config["checkpoint"] = dict(ds_config.get("checkpoint", {}), load_universal=True)
     check_precision_supported(args.precision)
-    if args.resume:  # the bank and the data position follow any world size (re-sharded on load)
-        check_resume(os.path.join(args.output_dir, "checkpoints"), world, reshardable=True)
     if args.perturb:
         check_perturbation_supported(ds_config, args.ds_config)
 
@@ -306,7 +307,7 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
     micro_step = 0
     if args.resume:
         state = run.resume(engine)
-        micro_step = int(state["micro_step"])
+        micro_step = resumed_micro_step(state, args.gradient_accumulation_steps)
         batches.load_state_dict(data_position(state, global_micro_batch, len(batches)))
         if bank is not None:
             load_bank(bank, state["rank_state_files"], run.rank, run.world)

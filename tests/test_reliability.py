@@ -9,7 +9,8 @@
 * a NaN/inf loss from bad data stops with an error naming the step and the examples;
 * a real full disk (a small tmpfs in a private mount namespace) while saving: one-line
   error, the previous checkpoint survives and resumes;
-* damaged checkpoints, checkpoints of another model or world size are refused.
+* damaged checkpoints, checkpoints of another model, or of a global batch the new world size cannot
+  split, are refused.
 
 Runs are tiny (2-layer students, a few steps, sequences of 32-64 tokens) and use one thread
 per rank: the ranks share 2 cores, and equal thread counts keep fp32 runs bit-identical.
@@ -517,13 +518,14 @@ def test_checkpoint_without_meta_is_refused(sst2_teacher, copied_run, capsys, mo
     assert "is incomplete (no meta.json)" in line
 
 
-def test_checkpoint_from_another_world_size_is_refused(sst2_teacher, copied_run, capsys, monkeypatch):
-    line = refused(capsys, glue_args(copied_run, sst2_teacher, "--resume"), monkeypatch, world=1)
-    assert "saved by 2 ranks with ZeRO-partitioned optimizer state" in line and "resume with 2 ranks" in line
+def test_global_batch_that_cannot_be_split_over_the_new_world_size_is_refused(sst2_teacher, copied_run, capsys,
+                                                                              monkeypatch):
+    line = refused(capsys, glue_args(copied_run, sst2_teacher, "--resume"), monkeypatch, world=3)
+    assert "global batch 16 cannot be split over 3 ranks" in line  # 8 x 2 ranks saved it
 
 
-def test_task_stage_refuses_another_world_size_even_without_zero_partitions(tmp_path, sst2_teacher, capsys,
-                                                                            monkeypatch):
+def test_checkpoint_without_a_recorded_global_batch_resumes_only_at_its_world_size(tmp_path, sst2_teacher, capsys,
+                                                                                   monkeypatch):
     out = tmp_path / "run"
     folder = out / "checkpoints" / "step-0000002"
     folder.mkdir(parents=True)
@@ -532,7 +534,7 @@ def test_task_stage_refuses_another_world_size_even_without_zero_partitions(tmp_
     (out / "checkpoints" / "latest").write_text("step-0000002")
     line = refused(capsys, glue_args(out, sst2_teacher, "--resume", "--ds_config", "ds_configs/z0.json"),
                    monkeypatch, world=1)
-    assert "resumes only at the world size that saved it" in line
+    assert "before checkpoints recorded their global batch; resume it with 2 ranks" in line
 
 
 def test_checkpoint_of_another_model_is_refused(sst2_teacher, copied_run, tmp_path):

@@ -9,6 +9,8 @@
             meta.json            written last: step, world size, ZeRO stage, parameter shapes,
                                  every file's size
         .tmp-step-0000600/       a save in progress (renamed to step-0000600/ when complete)
+        step-0000500.universal/  DeepSpeed's universal checkpoint of step-0000500, made once by a resume at
+                                 another world size under ZeRO (the original stays untouched); pruned with it
 
 A crash mid-save leaves the previous checkpoint and ``latest`` intact; ``verify_checkpoint``
 finds a damaged one (a file missing or of another size) before DeepSpeed reads it.
@@ -20,7 +22,9 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +34,9 @@ from lrcbert.files import write_atomic, write_json_atomic
 from lrcbert.runtime import hooks
 
 LATEST = "latest"
-META = "meta.json"  # written into every checkpoint last: world size, ZeRO stage, parameter shapes, file sizes
+META = "meta.json"  # written into every checkpoint last: world size, ZeRO stage, batch, parameter shapes, file sizes
+UNIVERSAL = ".universal"  # suffix of a checkpoint's universal conversion (a sibling folder)
+CHECKPOINT_NAME = re.compile(r"step-\d+")
 
 
 def step_tag(step: int) -> str:
@@ -50,9 +56,12 @@ def rank_state_files(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("state_rank"))
 
 
-def write_meta(folder: str, step: int, world: int, zero_stage: int, parameters: dict[str, list[int]]) -> None:
-    """The last file of a checkpoint (rank 0, after every rank wrote its files)."""
-    meta = {"step": step, "world_size": world, "zero_stage": zero_stage, "parameters": parameters,
+def write_meta(folder: str, step: int, world: int, zero_stage: int, parameters: dict[str, list[int]],
+               batch: dict[str, int] | None = None) -> None:
+    """The last file of a checkpoint (rank 0, after every rank wrote its files). ``batch`` holds
+    ``micro_batch_size``, ``gradient_accumulation_steps`` and ``global_batch_size``: a resume at
+    another world size keeps the global batch."""
+    meta = {"step": step, "world_size": world, "zero_stage": zero_stage, **(batch or {}), "parameters": parameters,
             "files": file_sizes(folder)}
     write_json_atomic(os.path.join(folder, META), meta)
 
@@ -136,11 +145,66 @@ def check_same_model(folder: str, saved: dict, current: dict) -> None:
                             "task or layer-map flags?)")
 
 
-def check_resume(ckpt_dir: str, world: int, reshardable: bool) -> None:
-    """Before any process group: the checkpoint to resume is complete, and loadable at this world size.
+@dataclass(frozen=True)
+class ElasticResume:
+    """A resume at another world size than the checkpoint's: the batch layout that keeps its global batch."""
 
-    DeepSpeed 0.19 reloads ZeRO-partitioned optimizer state only at the world size that saved it;
-    ``reshardable`` says whether the recipe converts its own state (data position, bank) otherwise.
+    folder: str
+    saved_world: int
+    world: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    given: tuple[int, int]  # micro batch and accumulation from the flags
+    universal: bool  # ZeRO-partitioned optimizer state: loaded through DeepSpeed's universal checkpoint
+    zero_stage: int
+
+    def describe(self) -> str:
+        """The one start-up line of an elastic resume."""
+        micro, accumulation = self.given
+        kept = ("as given" if (micro, accumulation) == (self.micro_batch_size, self.gradient_accumulation_steps)
+                else f"flags gave {micro} x {accumulation}")
+        how = (f"ZeRO-{self.zero_stage} optimizer state through the universal checkpoint "
+               f"{os.path.basename(self.folder)}{UNIVERSAL}" if self.universal else "optimizer state as saved")
+        global_batch = self.micro_batch_size * self.gradient_accumulation_steps * self.world
+        return (f"elastic resume: {os.path.basename(self.folder)} saved by {self.saved_world} ranks, resumed by "
+                f"{self.world}; global batch {global_batch} kept as micro batch {self.micro_batch_size} x "
+                f"accumulation {self.gradient_accumulation_steps} x {self.world} ranks ({kept}); {how}")
+
+
+def is_partitioned(folder: str) -> bool:
+    """Whether the checkpoint holds ZeRO-partitioned optimizer state (one file per data-parallel rank)."""
+    return any("zero_pp_rank_" in name for name in os.listdir(folder))
+
+
+def elastic_batch(global_batch: int, saved_accumulation: int, world: int, micro: int,
+                  accumulation: int) -> tuple[int, int]:
+    """Micro batch and accumulation at ``world`` ranks that keep ``global_batch``.
+
+    Flags that already give it are used as given. Otherwise the saved accumulation is kept and
+    the micro batch scaled, so the global micro-batch (micro x world: what batch negatives are
+    drawn from, and the unit of the data order) is the saved one; where that does not divide,
+    the largest micro batch up to the flag's that divides the per-rank share, with the
+    accumulation filling the rest.
+    """
+    if micro * accumulation * world == global_batch:
+        return micro, accumulation
+    if global_batch % world:
+        raise UserError(f"--resume: the checkpoint's global batch {global_batch} cannot be split over {world} "
+                        f"ranks; resume with a world size that divides {global_batch}")
+    per_rank = global_batch // world
+    if per_rank % saved_accumulation == 0:
+        return per_rank // saved_accumulation, saved_accumulation
+    best = max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)
+    return best, per_rank // best
+
+
+def check_resume(ckpt_dir: str, world: int, micro: int, accumulation: int) -> ElasticResume | None:
+    """Before any process group: the checkpoint to resume is complete; None at the world size
+    that saved it, else how the resume at ``world`` keeps the saved global batch.
+
+    ZeRO-partitioned optimizer state (ZeRO-1/2/3, bf16's optimizer) is converted to DeepSpeed's
+    universal checkpoint on load (``Engine.load``); the recipes convert their data position and
+    re-shard the memory bank themselves.
     """
     tag = latest_tag(ckpt_dir)
     if tag is None:
@@ -149,13 +213,35 @@ def check_resume(ckpt_dir: str, world: int, reshardable: bool) -> None:
     meta = verify_checkpoint(folder)
     saved = meta["world_size"] if meta is not None else checkpoint_world_size(ckpt_dir)
     if saved == world:
-        return
-    if any("zero_pp_rank_" in name for name in os.listdir(folder)):
-        raise UserError(f"--resume: {folder} was saved by {saved} ranks with ZeRO-partitioned optimizer state, "
-                        f"which DeepSpeed cannot load at world size {world}; resume with {saved} ranks")
-    if not reshardable:
-        raise UserError(f"--resume: {folder} was saved by {saved} ranks; this recipe resumes only at the world "
-                        f"size that saved it; resume with {saved} ranks")
+        return None
+    if meta is None or "global_batch_size" not in meta:
+        raise UserError(f"--resume: {folder} was saved by {saved} ranks before checkpoints recorded their global "
+                        f"batch; resume it with {saved} ranks")
+    micro_now, accumulation_now = elastic_batch(meta["global_batch_size"], meta["gradient_accumulation_steps"],
+                                                world, micro, accumulation)
+    return ElasticResume(folder, saved, world, micro_now, accumulation_now, (micro, accumulation),
+                         is_partitioned(folder), int(meta.get("zero_stage", 0)))
+
+
+def resume_layout(args, world: int, rank: int) -> ElasticResume | None:
+    """With --resume at another world size: set the micro batch and accumulation that keep the
+    checkpoint's global batch (said in one line); the bank and the data position follow on load."""
+    if not args.resume:
+        return None
+    elastic = check_resume(os.path.join(args.output_dir, "checkpoints"), world, args.micro_batch_size,
+                           args.gradient_accumulation_steps)
+    if elastic is not None:
+        args.micro_batch_size = elastic.micro_batch_size
+        args.gradient_accumulation_steps = elastic.gradient_accumulation_steps
+        if rank == 0:
+            print(elastic.describe(), flush=True)
+    return elastic
+
+
+def resumed_micro_step(state: dict, accumulation: int) -> int:
+    """The saved micro-step count in this run's accumulation (checkpoints fall on optimizer steps)."""
+    saved = int(state["args"].get("gradient_accumulation_steps", accumulation))
+    return int(state["micro_step"]) // saved * accumulation
 
 
 def checkpoint_world_size(save_dir: str) -> int | None:
@@ -189,13 +275,15 @@ def latest_tag(save_dir: str) -> str | None:
 
 
 def prune(save_dir: str, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints (all when <= 0); remove leftovers of killed saves."""
+    """Keep the newest ``keep_last`` checkpoints (all when <= 0) with their universal conversions;
+    remove leftovers of killed saves and conversions."""
     for stale in (d for d in os.listdir(save_dir) if d.startswith(".tmp-step-")):
         shutil.rmtree(os.path.join(save_dir, stale), ignore_errors=True)
     if keep_last <= 0:
         return
-    tags = sorted(d for d in os.listdir(save_dir) if d.startswith("step-"))
+    tags = sorted(d for d in os.listdir(save_dir) if CHECKPOINT_NAME.fullmatch(d))
     for tag in tags[:-keep_last]:
+        shutil.rmtree(os.path.join(save_dir, tag + UNIVERSAL), ignore_errors=True)
         shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import subprocess
+import sys
 
 import torch
 
 from lrcbert.errors import UserError
 from lrcbert.runtime import checkpoints
-from lrcbert.runtime.ranks import (barrier, env_local_rank, export_launcher_env, group_initialized, is_main,
-                                   rank_and_world)
+from lrcbert.runtime.ranks import (barrier, broadcast_from_main, env_local_rank, export_launcher_env,
+                                   group_initialized, is_main, rank_and_world)
 
 
 def deepspeed_version() -> str | None:
@@ -165,6 +167,12 @@ class Engine:
         """Every parameter's full shape (ZeRO-3 partitions report their unpartitioned ``ds_shape``)."""
         return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in self.module.named_parameters()}
 
+    def batch_layout(self) -> dict[str, int]:
+        """Micro batch, accumulation and global batch, as recorded in ``meta.json``."""
+        return {"micro_batch_size": int(self.ds_config["train_micro_batch_size_per_gpu"]),
+                "gradient_accumulation_steps": int(self.ds_config["gradient_accumulation_steps"]),
+                "global_batch_size": int(self.ds_config["train_batch_size"])}
+
     def save(self, save_dir: str, step: int, client_state: dict, keep_last: int = 3,
              rank_state: dict | None = None) -> str:
         """Atomic checkpoint: written as ``.tmp-step-N``, renamed, then ``latest`` updated.
@@ -192,7 +200,7 @@ class Engine:
                 torch.save(rank_state, checkpoints.rank_state_file(tmp, rank))
             barrier()
             if is_main():
-                checkpoints.write_meta(tmp, step, world, self.zero_stage, self.parameter_shapes())
+                checkpoints.write_meta(tmp, step, world, self.zero_stage, self.parameter_shapes(), self.batch_layout())
         except (OSError, RuntimeError) as exc:
             error = checkpoints.save_error(exc, save_dir, tag)  # before the cleanup frees the space
             if is_main():
@@ -208,7 +216,10 @@ class Engine:
         """Restore the newest complete checkpoint; returns its client state.
 
         Refuses (UserError) a checkpoint of another model (parameter names or shapes differ)
-        or one DeepSpeed cannot read. Every rank's ``rank_state`` files are listed under
+        or one DeepSpeed cannot read. ZeRO-partitioned optimizer state saved at another world
+        size is loaded through DeepSpeed's universal checkpoint (``universal_checkpoint``; the
+        ds_config must then say ``"checkpoint": {"load_universal": true}``, as the recipes' setup
+        does). Every rank's ``rank_state`` files are listed under
         ``client_state["rank_state_files"]`` (in rank order) so callers can re-shard when the
         world size changed.
         """
@@ -220,17 +231,94 @@ class Engine:
         if meta is not None:
             checkpoints.check_same_model(folder, meta["parameters"], self.parameter_shapes())
         rank, world = rank_and_world()
+        universal = meta is not None and meta["world_size"] != world and checkpoints.is_partitioned(folder)
+        load_tag = tag
+        if universal:
+            if not self.ds_config.get("checkpoint", {}).get("load_universal"):
+                raise UserError(f"--resume: {folder} was saved by {meta['world_size']} ranks with ZeRO-partitioned "
+                                "optimizer state; the ds_config must set \"checkpoint\": {\"load_universal\": true}")
+            load_tag = os.path.basename(self.universal_checkpoint(folder, meta["world_size"]))
+            groups = self.hyperparameters()
         try:
-            path, client_state = self.engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
+            path, client_state = self.engine.load_checkpoint(save_dir, tag=load_tag, load_optimizer_states=True,
                                                              load_lr_scheduler_states=True)
-        except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as exc:
             raise UserError(f"--resume: cannot load checkpoint {folder} ({checkpoints.first_line(exc)}); it is "
                             f"damaged or from another model: point {os.path.join(save_dir, checkpoints.LATEST)} "
                             "to an earlier step-* or start afresh with --overwrite_output_dir") from None
         if path is None:
             raise UserError(f"--resume: checkpoint {folder} could not be loaded")
+        if universal:
+            self.repair_after_universal_load(groups)
         rng_path = checkpoints.rng_file(folder, rank)
         if client_state.get("world_size", world) == world and os.path.isfile(rng_path):
             checkpoints.set_rng_state(torch.load(rng_path, weights_only=False))
         client_state["rank_state_files"] = checkpoints.rank_state_files(folder)
         return client_state
+
+    # ------------------------------------------------------------ another world size
+
+    def universal_checkpoint(self, folder: str, saved_world: int) -> str:
+        """``folder``'s universal conversion (``step-N.universal`` beside it), made once by rank 0.
+
+        DeepSpeed's converter (``python -m deepspeed.checkpoint.ds_to_universal``) writes into a
+        scratch folder that is renamed when complete, so a crash leaves no half conversion and the
+        original checkpoint is only read. The other ranks wait for the outcome (a collective).
+        """
+        target = folder + checkpoints.UNIVERSAL
+        error = None
+        if is_main() and not os.path.isdir(target):
+            error = convert_to_universal(folder, target, saved_world)
+        error = broadcast_from_main(error)
+        if error is not None:
+            raise UserError(error)
+        return target
+
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW the recipe built (ZeRO wraps it)."""
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+
+    def hyperparameters(self) -> list[dict]:
+        """Every parameter group's settings other than its parameters and the scheduled lr."""
+        return [{k: v for k, v in group.items() if k not in ("params", "lr")}
+                for group in self.torch_optimizer().param_groups]
+
+    def repair_after_universal_load(self, groups: list[dict]) -> None:
+        """Undo two things DeepSpeed 0.19's ZeRO-3 universal load gets wrong (harmless at ZeRO-1/2):
+
+        * it copies the first parameter group's settings to every group, so the biases and
+          LayerNorm weights would get the weight decay: the groups' own settings come back;
+        * it gives every group's AdamW state one shared ``step`` tensor, which AdamW then
+          increments once per group and step (wrong bias correction): each gets its own copy.
+        """
+        optimizer = self.torch_optimizer()
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.update(saved)
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def convert_to_universal(folder: str, target: str, saved_world: int) -> str | None:
+    """Run DeepSpeed's converter on ``folder`` into ``target`` (atomically); an error line or None."""
+    scratch = os.path.join(os.path.dirname(folder), f".tmp-{os.path.basename(target)}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    # the converter writes OUTPUT/../latest_universal: inside the scratch folder, removed with it
+    output = os.path.join(scratch, os.path.basename(target))
+    workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    print(f"converting {folder} to a universal checkpoint ...", flush=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+                               "--output_folder", output, "--inject_missing_state", "--num_extract_workers", workers,
+                               "--num_merge_workers", workers], capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(output, target)
+            return None
+        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        why = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+    except OSError as exc:
+        why = checkpoints.first_line(exc)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return (f"--resume: DeepSpeed could not convert {folder} to a universal checkpoint ({why}); the checkpoint is "
+            f"unchanged: resume it with {saved_world} ranks")

@@ -82,6 +82,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_main(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself without a group."""
+    if not group_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env_local_rank())
