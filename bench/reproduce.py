@@ -295,8 +295,9 @@ def write_outputs(args, state: dict, command: str) -> str:
              f"{args.student_steps} steps of global batch {args.micro_batch_size * args.ranks} "
              f"({args.ranks} ranks), {args.train_samples} training examples, seq {args.seq}; teacher "
              f"{args.teacher_steps} steps of batch {args.teacher_micro_batch_size * args.ranks}. "
-             f"Grid {args.lrs} (teacher {args.teacher_lrs}) with seed {SELECTION_SEED}, then seeds {args.seeds} "
-             "at the chosen rate.", ""]
+             f"Each row: the rates run with seed {SELECTION_SEED} (the grid column), the best of them chosen, then "
+             f"more seeds at that rate; the mean +- std is over those (n), without seed {SELECTION_SEED}, which chose "
+             "the rate (\"seed 1 only\" until another seed has run).", ""]
     for task, t in state["tasks"].items():
         metric = t["metric"]
         lines += [f"### {task} (dev {metric}; chance {t['chance']:.4f})", "",
