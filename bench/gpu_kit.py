@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -44,6 +43,9 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lrcbert.data.corpus_format import file_sha256  # noqa: E402  (numpy only: runs before the kit installs)
 DEFAULT_KIT = REPO / "bench" / "gpu_kit"
 KIT_LIMIT_BYTES = 60 * 2**20  # the device tool carries 64 MiB in all, the checkout included
 
@@ -130,14 +132,6 @@ def uncovered(names: list[str], kit: set[str]) -> list[str]:
     return sorted({n for n in names if n not in kit and n not in ON_GPU_MACHINE and n not in NOT_NEEDED})
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------ check
 
 def check(kit: Path) -> dict:
@@ -179,7 +173,7 @@ def check(kit: Path) -> dict:
                 problems.append(f"{rel}: listed in the manifest, not in the kit")
                 continue
             total += path.stat().st_size
-            if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+            if path.stat().st_size != entry["bytes"] or file_sha256(str(path)) != entry["sha256"]:
                 problems.append(f"{rel}: size or SHA-256 differs from the manifest")
         report["kit_bytes"] = total
         if total > KIT_LIMIT_BYTES:
@@ -249,7 +243,7 @@ def prepare(kit: Path, data_dir: Path, tokenizer: str) -> dict:
     (kit / "tokenizer").mkdir()
     for name in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer) / name, kit / "tokenizer" / name)
-    files = {str(p.relative_to(kit)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    files = {str(p.relative_to(kit)): {"bytes": p.stat().st_size, "sha256": file_sha256(str(p))}
              for p in sorted(kit.rglob("*")) if p.is_file()}
     manifest = {"gpu_python": GPU_PYTHON, "kit_wheels": KIT_WHEELS, "fallback_wheels": FALLBACK_WHEELS,
                 "files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
@@ -267,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     kit = Path(args.kit)
     if args.action == "prepare":
-        sys.path.insert(0, str(REPO))
         from bench.common import tokenizer_dir
 
         report = prepare(kit, Path(args.data_dir), tokenizer_dir())

@@ -84,7 +84,7 @@ def fake_kit(root: Path, skip: str | None = None, extra_requires=()) -> Path:
     for rel in [f"data/{f}" for f in gpu_kit.DATA_FILES] + [f"tokenizer/{f}" for f in gpu_kit.TOKENIZER_FILES]:
         (kit / rel).parent.mkdir(parents=True, exist_ok=True)
         (kit / rel).write_text("x\n")
-    files = {str(p.relative_to(kit)): {"bytes": p.stat().st_size, "sha256": gpu_kit.sha256(p)}
+    files = {str(p.relative_to(kit)): {"bytes": p.stat().st_size, "sha256": gpu_kit.file_sha256(str(p))}
              for p in sorted(kit.rglob("*")) if p.is_file()}
     (kit / "MANIFEST.json").write_text(json.dumps({"kit_wheels": gpu_kit.KIT_WHEELS, "files": files}))
     return kit
