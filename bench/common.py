@@ -124,6 +124,15 @@ class Report:
         return self.data
 
 
+def read_scalars(log_dir: str | Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a TensorBoard run directory by tag and step, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags().get("scalars", [])}
+
+
 def plotting_available() -> bool:
     try:
         import matplotlib  # noqa: F401

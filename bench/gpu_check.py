@@ -49,7 +49,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import REPO, SHARED_DATA, free_port, machine, tokenizer_dir  # noqa: E402
+from bench.common import REPO, SHARED_DATA, free_port, machine, read_scalars, tokenizer_dir  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 PEAK_SOURCE = "H200 dense bf16/fp16 tensor-core peak, NVIDIA data sheet (989 TFLOP/s without sparsity)"
@@ -135,14 +135,6 @@ def make_corpus(root: Path, seq: int, lines: int | None) -> Path:
     prepare_corpus(CorpusConfig(output_dir=str(out), tokenizer=str(root / "teacher"), input=str(source),
                                 max_seq_length=seq, progress=False))
     return out
-
-
-def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 def distill_run(root: Path, teacher: Path, corpus: Path, precision: str, batch: int, s: argparse.Namespace,

@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, read_scalars  # noqa: E402
 from lrcbert.data.glue import get_task, load_examples  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.files import write_atomic  # noqa: E402
@@ -340,13 +340,7 @@ def read_curve(run_dir: Path, metric: str, results: dict) -> list[tuple[int, flo
     if curve_json.exists():
         points.update({int(p["step"]): float(p[metric]) for p in json.loads(curve_json.read_text())})
     elif (run_dir / "tensorboard").exists():
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-        acc.Reload()
-        tag = f"eval/dev/{metric}"
-        if tag in acc.Tags().get("scalars", []):
-            points.update({e.step: e.value for e in acc.Scalars(tag)})
+        points.update(read_scalars(run_dir / "tensorboard").get(f"eval/dev/{metric}", {}))
     points[int(results["steps"])] = score_of(results, metric)
     return sorted(points.items())
 

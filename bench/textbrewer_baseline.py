@@ -80,6 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import read_scalars  # noqa: E402
 from lrcbert.config import flag, parse_args  # noqa: E402
 from lrcbert.data import glue, glue_metrics  # noqa: E402
 from lrcbert.data.batches import Encoded, TrainOrder, collate, encode  # noqa: E402
@@ -262,11 +263,7 @@ def curve_point(step: int, results: dict, first_split: str) -> dict:
 def loss_summary(log_dir: str) -> dict | None:
     """First and last steps' mean total loss from TextBrewer's TensorBoard scalars (None if unreadable)."""
     try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
-        acc.Reload()
-        values = [e.value for e in acc.Scalars("scalar/total_loss")]
+        values = list(read_scalars(log_dir)["scalar/total_loss"].values())
     except Exception:  # noqa: BLE001 - a summary line only; the scalars stay on disk
         return None
     if not values:

@@ -120,8 +120,8 @@ def setup(args: GlueArgs) -> Prepared:
     settings = TrainerSettings(args.micro_batch_size, args.gradient_accumulation_steps, world,
                                args.max_grad_norm, args.precision)
     ds_config = resolve_ds_config(args.ds_config, settings)
-    if elastic is not None and elastic.universal:
-        ds_config["checkpoint"] = dict(ds_config.get("checkpoint", {}), load_universal=True)
+    if elastic is not None:
+        elastic.configure(ds_config)
     check_precision_supported(args.precision)
     if args.stage == "distill" and args.perturb:
         check_perturbation_supported(ds_config, args.ds_config)

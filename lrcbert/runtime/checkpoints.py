@@ -158,6 +158,11 @@ class ElasticResume:
     universal: bool  # ZeRO-partitioned optimizer state: loaded through DeepSpeed's universal checkpoint
     zero_stage: int
 
+    def configure(self, ds_config: dict) -> None:
+        """Tell DeepSpeed to load the universal conversion when the optimizer state is partitioned."""
+        if self.universal:
+            ds_config["checkpoint"] = dict(ds_config.get("checkpoint", {}), load_universal=True)
+
     def describe(self) -> str:
         """The one start-up line of an elastic resume."""
         micro, accumulation = self.given
