@@ -114,8 +114,10 @@ def make_teacher(path: Path, tiny: bool):
     """A random-weight BERT-base-config encoder (tiny in a dry run) with the uncased tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
+    from bench.inference_speed import TINY_TEACHER
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
-    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if tiny else {}
+    size = TINY_TEACHER if tiny else {}
     config = BertConfig(vocab_size=tok.vocab_size, **size)  # defaults: BERT-base, 12 x 768, 3072, 12 heads
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
