@@ -374,13 +374,9 @@ class MemoryBank(nn.Module):
         mine = (owner == self.rank).nonzero()[:, 0]  # global rows this rank scores, rank-major
         local_slots = ((slots[mine] // self.slots_per_group) // self.world_size) * self.slots_per_group \
             + slots[mine] % self.slots_per_group
-        local, column = torch.unique(local_slots.reshape(-1), return_inverse=True)
-        select = torch.zeros(mine.numel(), local.numel(), device=self.vectors.device)  # (rows, U)
-        rows = torch.arange(mine.numel(), device=select.device)[:, None].expand_as(local_slots).reshape(-1)
-        select[rows, column.to(select.device)] = 1.0  # without replacement: each (row, slot) once
         directions = torch.zeros(mine.numel(), self.num_layers, self.dim, device=self.vectors.device)
         for layer in range(self.num_layers):
-            self._direction_sums(layer, local, select, directions[:, layer])
+            self._direction_sums(layer, local_slots, directions[:, layer])
         offset = sum(sizes[: self.rank])
         if self.world_size > 1:
             directions = self._exchange(directions, mine, owner[offset: offset + sizes[self.rank]], sizes)
@@ -407,12 +403,22 @@ class MemoryBank(nn.Module):
         return self.draw(example_ids, k, generator)(student_vectors)
 
     @torch.no_grad()
-    def _direction_sums(self, layer: int, local: torch.Tensor, select: torch.Tensor, out: torch.Tensor) -> None:
-        """Adds select @ normalize(vectors[layer, local]) into ``out`` (rows, F), fp32, chunked over slots."""
-        chunk = max(1, self.chunk_bytes // (4 * self.dim))
-        for start in range(0, local.numel(), chunk):
-            stored = self.vectors[layer, local[start: start + chunk]].float()
-            out.addmm_(select[:, start: start + chunk], F.normalize(stored, dim=-1, eps=_NORM_EPS))
+    def _direction_sums(self, layer: int, local_slots: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[i] = sum_k normalize(vectors[layer, local_slots[i, k]])`` in fp32, (rows, F).
+
+        The drawn rows are gathered once each (a slot drawn by several positives too) into an
+        fp32 copy, re-normalized through ``embedding_bag``'s per-sample weights (the cosine is
+        the stored vector's, also in fp16/bf16) and summed per positive without a dense
+        selection matrix. Chunked over positives: the fp32 copy stays within ``chunk_bytes``.
+        """
+        k = local_slots.shape[1]
+        per_chunk = max(1, self.chunk_bytes // (4 * self.dim * k))
+        for start in range(0, local_slots.shape[0], per_chunk):
+            unique, column = torch.unique(local_slots[start: start + per_chunk], return_inverse=True)
+            stored = self.vectors[layer, unique].float()  # (U, F)
+            inverse_norm = torch.linalg.vector_norm(stored, dim=-1).clamp_min(_NORM_EPS).reciprocal()
+            out[start: start + per_chunk] = F.embedding_bag(column, stored, mode="sum",
+                                                            per_sample_weights=inverse_norm[column])
 
     # ----------------------------------------------------------------------------- state
 
