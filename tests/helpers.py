@@ -42,6 +42,21 @@ def make_tiny_encoder(path: Path, layers: int = 4, hidden: int = 64, seed: int =
     return str(path)
 
 
+def dropout_free_student(path: Path, hidden: int = 48, intermediate: int = 96) -> Path:
+    """A tiny 2-layer BERT encoder without dropout (its masks are drawn per rank, so runs at two
+    world sizes can only agree without it) and the teacher's vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(offline_teacher_dir())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=intermediate, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def make_tiny_sst2_teacher(path: Path, tokenizer_dir: str | None = None) -> Path:
     """A random 2-layer BERT classifier with SST-2's labels and the real uncased tokenizer
     (a task teacher at chance level: run with --teacher_gate false)."""

@@ -905,10 +905,10 @@ class TwoNodeCluster(SlurmCluster):
             else:
                 self._created_ns.remove(ns)
         for hv in list(self._created_veth):
-            # deleting the namespace normally removes the pair already
+            # deleting the namespace removes the pair, asynchronously: it may vanish between show and del
             if self._ip("link", "show", hv, check=False).returncode == 0:
                 p = self._ip("link", "del", hv, check=False)
-                if p.returncode != 0:
+                if p.returncode != 0 and self._ip("link", "show", hv, check=False).returncode == 0:
                     errors.append(f"ip link del {hv}: {p.stderr.strip()}")
                     continue
             self._created_veth.remove(hv)

@@ -31,28 +31,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import GLUE, SHARED_DATA, launch, make_tiny_sst2_teacher, make_wiki_corpus, offline_teacher_dir, \
-    scalar_curves, tail
+from tests.helpers import GLUE, SHARED_DATA, dropout_free_student, launch, make_tiny_sst2_teacher, make_wiki_corpus, \
+    offline_teacher_dir, scalar_curves, tail
 
 RTOL = 1e-4  # per-step loss, resumed at another world size vs uninterrupted (fp32, CPU; measured below 1e-5)
 STEPS, STOP = 6, 3
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 WIKI = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
 pytestmark = pytest.mark.skipif(not (GLUE.is_dir() and WIKI.is_file()), reason="shared GLUE / WikiText-2 data missing")
-
-
-def dropout_free_student(path: Path) -> Path:
-    """A tiny BERT encoder without dropout (its masks are drawn per rank) and the teacher's vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(offline_teacher_dir())
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
