@@ -35,6 +35,9 @@ from tests.helpers import GLUE, SHARED_DATA, dropout_free_student, launch, make_
     offline_teacher_dir, scalar_curves, tail
 
 RTOL = 1e-4  # per-step loss, resumed at another world size vs uninterrupted (fp32, CPU; measured below 1e-5)
+# bf16: the same comparison; a forward's rounding and gradient sums over another number of ranks
+# now differ at bf16's 8 bits (measured: 3.5e-3 on the soft loss, 1.6e-4 on the hard one)
+HALF_RTOL = {"bf16": 1e-2}
 STEPS, STOP = 6, 3
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 WIKI = SHARED_DATA / "wikitext-2" / "wiki.test.raw"
@@ -49,8 +52,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "corpus": make_wiki_corpus(root, 200, 32, offline_teacher_dir())}
 
 
-def recipe_args(recipe: str, stage: int, out: Path, models: dict, micro: int) -> tuple[str, list[str]]:
-    common = ["--ds_config", f"ds_configs/z{stage}.json", "--output_dir", str(out), "--student",
+def recipe_args(recipe: str, stage: int, out: Path, models: dict, micro: int,
+                precision: str = "fp32") -> tuple[str, list[str]]:
+    common = ["--ds_config", f"ds_configs/z{stage}.json", "--precision", precision, "--output_dir", str(out), "--student",
               str(models["student"]), "--micro_batch_size", str(micro), "--max_steps", str(STEPS),
               "--log_steps", "1", "--save_steps", "0", "--learning_rate", "1e-3"]
     if stage == 3:  # gradient perturbation needs dL/de, which ZeRO-3 hides (refused at start-up)
@@ -78,31 +82,37 @@ def relative_gap(ours: dict[int, float], theirs: dict[int, float], steps: int) -
     return max(abs(ours[s] - theirs[s]) / max(abs(theirs[s]), 1e-12) for s in range(1, steps + 1))
 
 
-CASES = [pytest.param("glue", 2, 2, 1, id="glue-zero2-2to1"),
-         pytest.param("glue", 3, 2, 1, id="glue-zero3-2to1", marks=pytest.mark.slow),
-         pytest.param("pretrain-bank", 2, 2, 1, id="pretrain-bank-zero2-2to1", marks=pytest.mark.slow),
-         pytest.param("pretrain-batch", 2, 1, 2, id="pretrain-batch-zero2-1to2", marks=pytest.mark.slow),
-         pytest.param("glue", 2, 1, 2, id="glue-zero2-1to2", marks=pytest.mark.slow),
-         pytest.param("glue", 3, 1, 2, id="glue-zero3-1to2", marks=pytest.mark.slow),
-         pytest.param("pretrain-bank", 3, 1, 2, id="pretrain-bank-zero3-1to2", marks=pytest.mark.slow),
-         pytest.param("glue", 1, 2, 1, id="glue-zero1-2to1", marks=pytest.mark.slow),
-         pytest.param("pretrain-batch", 1, 2, 1, id="pretrain-batch-zero1-2to1", marks=pytest.mark.slow),
-         pytest.param("pretrain-bank", 1, 1, 2, id="pretrain-bank-zero1-1to2", marks=pytest.mark.slow),
-         pytest.param("pretrain-batch", 3, 2, 1, id="pretrain-batch-zero3-2to1", marks=pytest.mark.slow)]
+CASES = [pytest.param("glue", 2, 2, 1, "fp32", id="glue-zero2-2to1"),
+         pytest.param("glue", 3, 2, 1, "fp32", id="glue-zero3-2to1", marks=pytest.mark.slow),
+         pytest.param("pretrain-bank", 2, 2, 1, "fp32", id="pretrain-bank-zero2-2to1", marks=pytest.mark.slow),
+         pytest.param("pretrain-batch", 2, 1, 2, "fp32", id="pretrain-batch-zero2-1to2", marks=pytest.mark.slow),
+         pytest.param("glue", 2, 1, 2, "fp32", id="glue-zero2-1to2", marks=pytest.mark.slow),
+         pytest.param("glue", 3, 1, 2, "fp32", id="glue-zero3-1to2", marks=pytest.mark.slow),
+         pytest.param("pretrain-bank", 3, 1, 2, "fp32", id="pretrain-bank-zero3-1to2", marks=pytest.mark.slow),
+         pytest.param("glue", 1, 2, 1, "fp32", id="glue-zero1-2to1", marks=pytest.mark.slow),
+         pytest.param("pretrain-batch", 1, 2, 1, "fp32", id="pretrain-batch-zero1-2to1", marks=pytest.mark.slow),
+         pytest.param("pretrain-bank", 1, 1, 2, "fp32", id="pretrain-bank-zero1-1to2", marks=pytest.mark.slow),
+         pytest.param("pretrain-batch", 3, 2, 1, "fp32", id="pretrain-batch-zero3-2to1", marks=pytest.mark.slow),
+         # mixed precision: DeepSpeed's bf16 path (fp32 master weights in the ZeRO optimizer) through
+         # the universal checkpoint. fp16 cannot run on these CPUs (DeepSpeed needs AVX512-FP16;
+         # refused at start-up), so its elastic resume is not tested here
+         pytest.param("glue", 2, 2, 1, "bf16", id="glue-zero2-2to1-bf16", marks=pytest.mark.slow),
+         pytest.param("pretrain-bank", 2, 2, 1, "bf16", id="pretrain-bank-zero2-2to1-bf16", marks=pytest.mark.slow),
+         pytest.param("glue", 1, 1, 2, "bf16", id="glue-zero1-1to2-bf16", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("recipe,stage,saved_world,new_world", CASES)
+@pytest.mark.parametrize("recipe,stage,saved_world,new_world,precision", CASES)
 def test_resume_at_another_world_size_continues_the_uninterrupted_run(recipe, stage, saved_world, new_world,
-                                                                      models, tmp_path):
+                                                                      precision, models, tmp_path):
     global_micro_batch = 8  # the same global micro-batches (and global batch) at either world size
     bank = recipe == "pretrain-bank"
     reference_world = saved_world if bank else new_world  # see the module docstring
     script, reference_args = recipe_args(recipe, stage, tmp_path / "reference", models,
-                                         global_micro_batch // reference_world)
+                                         global_micro_batch // reference_world, precision)
     run(script, reference_args, reference_world)
 
     out = tmp_path / "elastic"
-    script, args = recipe_args(recipe, stage, out, models, global_micro_batch // saved_world)
+    script, args = recipe_args(recipe, stage, out, models, global_micro_batch // saved_world, precision)
     run(script, [*args, "--stop_after_steps", str(STOP)], saved_world)
     step = out / "checkpoints" / f"step-{STOP:07d}"
     files_before = {p.name: p.stat().st_size for p in step.iterdir()}
@@ -120,11 +130,11 @@ def test_resume_at_another_world_size_continues_the_uninterrupted_run(recipe, st
     tags = ["loss/total", "loss/cos"] + (["loss/hard", "loss/soft"] if recipe == "glue" else [])
     compared = STOP + 1 if bank else STEPS
     gaps = {tag: relative_gap(ours[tag], theirs[tag], compared) for tag in tags}
-    print(f"{recipe} ZeRO-{stage} {saved_world}->{new_world}: largest relative gap per tag over steps 1-{compared} "
+    print(f"{recipe} ZeRO-{stage} {precision} {saved_world}->{new_world}: largest relative gap per tag over steps 1-{compared} "
           f"{gaps}")
     if bank:
         assert ours["bank/in_use"][STOP + 1] == 1.0 and ours["bank/fill"] == theirs["bank/fill"]
-    assert all(gap <= RTOL for gap in gaps.values()), gaps
+    assert all(gap <= HALF_RTOL.get(precision, RTOL) for gap in gaps.values()), gaps
     assert ours["train/lr"] == pytest.approx(theirs["train/lr"], rel=1e-9)
     if recipe == "glue":
         ours_eval = json.loads((out / "eval_results.json").read_text())["dev"]
