@@ -157,6 +157,17 @@ def test_two_nodes_match_one_node(one_node_run, corpus, teacher, tmp_path):
             assert ours[tag][step] == pytest.approx(theirs[tag][step], rel=1e-5, abs=1e-7), (tag, step)
 
 
+def wait_for_a_checkpoint(cluster, jid: int, out: Path, log: Path, seconds: float) -> Path:
+    """Until the job's first checkpoint: training (and its signal handler) is under way."""
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + seconds
+    while not latest.exists():
+        assert cluster.job_state(jid) in ("PENDING", "RUNNING"), read(log)
+        assert time.monotonic() < deadline, f"no checkpoint after {seconds:g} s\n" + read(log)
+        time.sleep(0.2)
+    return latest
+
+
 @timeout(300)
 def test_usr1_checkpoints_requeues_and_resumes(one_node, corpus, teacher, tmp_path):
     steps = 60
@@ -164,12 +175,7 @@ def test_usr1_checkpoints_requeues_and_resumes(one_node, corpus, teacher, tmp_pa
     config = write_config(tmp_path / "tiny.json", max_steps=steps, save_steps=2)
     jid = one_node.sbatch(PRETRAIN, options=["--nodes", "1", "--ntasks-per-node", "2", "-o", str(log)],
                           env=job_env(one_node, out, config, teacher, corpus), cwd=REPO)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.monotonic() + 120
-    while not latest.exists():  # the first checkpoint: training (and the signal handler) is under way
-        assert one_node.job_state(jid) in ("PENDING", "RUNNING"), read(log)
-        assert time.monotonic() < deadline, "no checkpoint after 120 s\n" + read(log)
-        time.sleep(0.2)
+    latest = wait_for_a_checkpoint(one_node, jid, out, log, 120)
     # what Slurm does 120 s before the time limit (#SBATCH --signal=B:USR1@120)
     one_node.run(["scancel", "--signal=USR1", "--batch", str(jid)])
     assert one_node.wait(jid, timeout=180) == "COMPLETED", read(log) + one_node.logs()
@@ -221,12 +227,7 @@ def test_two_node_job_that_loses_a_node_resumes_on_one(corpus, teacher, tmp_path
         started = time.monotonic()
         out, log = runs["elastic"]
         jid = submit("elastic")
-        latest = out / "checkpoints" / "latest"
-        deadline = time.monotonic() + 180
-        while not latest.exists():  # the first checkpoint: training (and the signal handler) is under way
-            assert c.job_state(jid) in ("PENDING", "RUNNING"), read(log)
-            assert time.monotonic() < deadline, "no checkpoint after 180 s\n" + read(log)
-            time.sleep(0.2)
+        latest = wait_for_a_checkpoint(c, jid, out, log, 180)
         # node2 leaves: the running job keeps it (DRAINING), the requeued one cannot get it (DRAINED)
         c.scontrol("update", "NodeName=node2", "State=DRAIN", "Reason=elastic-resume-test")
         c.run(["scancel", "--signal=USR1", "--batch", str(jid)])
