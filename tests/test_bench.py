@@ -11,7 +11,8 @@ import math
 
 import pytest
 
-from bench import bank_scoring, corpus_throughput, inference_speed, memory, perturb_strength, step_efficiency
+from bench import bank_scoring, corpus_throughput, inference_speed, memory, perturb_strength, prediction_spread, \
+    step_efficiency
 from tests.helpers import offline_teacher_dir, timeout
 
 MACHINE_KEYS = {"cpu_model", "cpu_cores", "torch", "deepspeed", "loadavg_start", "loadavg_end", "command"}
@@ -151,6 +152,29 @@ def test_perturb_strength_grows_with_the_radius(tmp_path, capsys):
     data = run_quick(perturb_strength, "perturb_strength", tmp_path, capsys, ["--teacher", offline_teacher_dir()])
     rises = [data["mean"][f"rise_rel_{e:g}"] for e in perturb_strength.RELATIVE]
     assert data["mean"]["dropout_noise"] > 0 and rises[-1] > rises[0]
+
+
+@timeout(120)
+def test_prediction_spread_reports_each_model_against_the_labels(tmp_path, capsys):
+    # a tiny regression model whose bias sits at 2.5 and whose weights are zero predicts a
+    # constant: spread 0 (its Pearson is undefined: NaN), the labels' own spread positive
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch = pytest.importorskip("torch")
+    tok = AutoTokenizer.from_pretrained(offline_teacher_dir())
+    model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=1))
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(2.5)
+    model.save_pretrained(tmp_path / "constant")
+    tok.save_pretrained(tmp_path / "constant")
+    data = run_quick(prediction_spread, "prediction_spread", tmp_path, capsys, ["--models", str(tmp_path / "constant")])
+    row = data["models"][str(tmp_path / "constant")]
+    assert data["dev_examples"] == 16 and data["labels"]["std"] > 0
+    assert row["mean"] == pytest.approx(2.5, abs=1e-5) and row["std"] < 1e-5
+    with pytest.raises(SystemExit):  # a classification task is refused before any model loads
+        prediction_spread.main(["--task", "sst2", "--models", str(tmp_path / "constant"), "--out_dir", str(tmp_path)])
 
 
 @timeout(180)
