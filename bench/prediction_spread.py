@@ -17,27 +17,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from bench.common import SHARED_DATA, Report, base_parser  # noqa: E402
 from lrcbert.data import glue  # noqa: E402
-from lrcbert.data.batches import collate, encode  # noqa: E402
+from lrcbert.inference import load_classifier_for_inference, predict_logits  # noqa: E402
 
 
-def predictions(model_dir: str, examples: glue.Examples, max_seq_length: int, batch_size: int = 64) -> np.ndarray:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def predictions(model_dir: str, examples: glue.Examples, max_seq_length: int) -> np.ndarray:
+    """(N,) predictions in input order, through the project's inference path (as ``finetune/score.py``)."""
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    n = len(examples.labels)
-    encoded = encode(tokenizer, examples.text_a, examples.text_b, examples.labels, list(range(n)), max_seq_length)
-    out = []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            batch = collate(encoded, range(start, min(n, start + batch_size)), tokenizer.pad_token_id, True)
-            out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             token_type_ids=batch["token_type_ids"]).logits.reshape(-1).float().numpy())
-    return np.concatenate(out)
+    model = load_classifier_for_inference(model_dir)
+    logits = predict_logits(model, AutoTokenizer.from_pretrained(model_dir), examples.text_a, examples.text_b,
+                            max_seq_length)
+    return logits.reshape(-1).numpy()
 
 
 def main(argv=None) -> int:
