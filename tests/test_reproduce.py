@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO, make_tiny_encoder, run_group
-from bench.reproduce import ROWS, chance_level, paired_test, row_command, summarize_row
+from bench.reproduce import ROWS, chance_level, paired_test, row_command, rows_of_task, summarize_row
 from bench.reproduce import parse_args as parse_reproduce_args
 
 
@@ -121,11 +121,20 @@ def test_chance_is_the_majority_class_share_of_dev():
     assert chance_level(get_task("cola"), REPO.parent / "shared" / "data" / "GLUE" / "CoLA", -1) == 0.0
 
 
+def test_ablation_rows_run_on_sst2_unless_asked_elsewhere():
+    asked = ["teacher", "lrc_bert", "no_cos_nce", "plain_ft", "mse"]
+    assert rows_of_task(asked, "sst2", ["sst2"]) == asked
+    assert rows_of_task(asked, "stsb", ["sst2"]) == ["teacher", "lrc_bert", "plain_ft"]
+    assert rows_of_task(asked, "stsb", ["sst2", "stsb"]) == asked
+    assert parse_reproduce_args(["--ablation_tasks", "STS-B,sst2"]).ablation_tasks == ["stsb", "sst2"]
+
+
 def test_bad_arguments_are_refused_before_any_run(tmp_path):
     base = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--out", str(tmp_path / "r")]
     for extra, needle in [(["--rows", "lrc_bert,nope"], "unknown row"), (["--tasks", "nope"], "unknown GLUE task"),
                           (["--teacher", str(tmp_path / "missing")], "no such model folder"),
                           (["--seeds", "1,2"], "chooses the learning rate"),
+                          (["--ablation_tasks", "sst2,nope"], "--ablation_tasks"),
                           (["--general_student", str(tmp_path)], "no config.json")]:
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
