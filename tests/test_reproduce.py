@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO, make_tiny_encoder, run_group
-from bench.reproduce import ROWS, chance_level, paired_test, row_command, rows_of_task, summarize_row
+from bench.reproduce import ROWS, chance_level, curve_files, paired_test, row_command, rows_of_task, summarize_row
 from bench.reproduce import parse_args as parse_reproduce_args
 
 
@@ -91,6 +91,20 @@ def test_every_row_command_parses_and_differs_only_by_its_flags(tmp_path):
         assert seen[plain].stage2_weights == "0:0:1" and not seen[plain].perturb and seen[plain].intermediate == "none"
 
 
+def test_curves_are_recorded_on_the_curve_tasks_only(tmp_path):
+    args = bench_reproduce_args(tmp_path)
+    assert args.curve_tasks == ["sst2"]
+
+    def evaluates_by_step(task, name):
+        return "--eval_steps" in row_command(args, task, tmp_path, name, 3e-4, 1, tmp_path / name, "t")
+
+    assert evaluates_by_step("sst2", "lrc_bert") and evaluates_by_step("sst2", "textbrewer")
+    assert not evaluates_by_step("stsb", "lrc_bert") and not evaluates_by_step("sst2", "no_perturb")
+    args.curve_tasks = ["sst2", "stsb"]
+    assert evaluates_by_step("stsb", "lrc_bert") and evaluates_by_step("stsb", "plain_ft_general")
+    assert curve_files("sst2") == ("curves.png", "curves") and curve_files("stsb") == ("curves_stsb.png", "curves_stsb")
+
+
 def bench_reproduce_args(tmp_path):
     """The table's arguments; the model folders only need to exist (nothing is loaded)."""
     for name in ("encoder", "general"):
@@ -135,6 +149,7 @@ def test_bad_arguments_are_refused_before_any_run(tmp_path):
                           (["--teacher", str(tmp_path / "missing")], "no such model folder"),
                           (["--seeds", "1,2"], "chooses the learning rate"),
                           (["--ablation_tasks", "sst2,nope"], "--ablation_tasks"),
+                          (["--curve_tasks", "nope"], "--curve_tasks"),
                           (["--general_student", str(tmp_path)], "no config.json")]:
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
