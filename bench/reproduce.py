@@ -76,6 +76,10 @@ ROWS = {
     "no_cos_nce": Row("general student, no COS-NCE (soft + hard only)", "glue", "general", NO_INTERMEDIATE),
     "mse": Row("general student, hidden-state MSE instead of COS-NCE", "glue", "general", ("--intermediate", "mse")),
     "no_perturb": Row("general student, no gradient perturbation", "glue", "general", ("--perturb", "false")),
+    "perturb_add": Row("general student, perturbation in add mode (steps on the clean + the perturbed loss)", "glue",
+                       "general", ("--perturb_mode", "add")),
+    "perturb_small": Row("general student, perturbation radius 0.003 of the embedding norm (default 0.01)", "glue",
+                         "general", ("--epsilon", "0.003")),
     "two_stage": Row("general student, the paper's two-stage schedule (80% of the steps COS-NCE alone)", "glue",
                      "general", ("--stage1_fraction", "0.8"), curve=True),
 }
@@ -112,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tasks whose main rows record the dev metric every --curve_eval_steps (curves.png for SST-2, "
                         "curves_TASK.png for the others)")
     p.add_argument("--ablation_tasks", default="sst2",
-                   help="tasks on which the ablation rows (no_cos_nce, mse, no_perturb, two_stage) run")
+                   help="tasks on which the ablation rows (" + ", ".join(r for r in ROWS if not ROWS[r].every_task) + ") run")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     p.add_argument("--glue_dir", default=str(SHARED / "GLUE"), help="GLUE task folders")
     p.add_argument("--teacher", default=default_teacher(), help="pretrained encoder: the teacher before fine-tuning")

@@ -58,6 +58,7 @@ def test_quick_quality_table_every_row(tmp_path):
     args_of = quick_table(tmp_path, list(ROWS))
     assert args_of["mse"]["intermediate"] == "mse" and args_of["no_cos_nce"]["intermediate"] == "none"
     assert args_of["no_perturb"]["perturb"] is False and args_of["lrc_bert"]["perturb"] is True
+    assert args_of["perturb_add"]["perturb_mode"] == "add" and args_of["perturb_small"]["epsilon"] == 0.003
     assert args_of["two_stage"]["stage1_fraction"] == 0.8 and args_of["lrc_bert"]["stage1_fraction"] == 0
     assert args_of["plain_ft"]["stage2_weights"] == "0:0:1"
 
@@ -86,6 +87,8 @@ def test_every_row_command_parses_and_differs_only_by_its_flags(tmp_path):
     assert seen["lrc_bert1"].intermediate == "cos_nce" and seen["lrc_bert1"].stage1_fraction == lrc.stage1_fraction
     assert seen["mse"].intermediate == "mse" and seen["no_cos_nce"].intermediate == "none"
     assert seen["no_perturb"].perturb is False and lrc.perturb is True
+    assert seen["perturb_add"].perturb_mode == "add" and lrc.perturb_mode == "replace"
+    assert seen["perturb_small"].epsilon == 0.003 and lrc.epsilon == 0.01
     assert seen["two_stage"].stage1_fraction == 0.8 and lrc.stage1_fraction == 0
     for plain in ("plain_ft", "plain_ft_general"):
         assert seen[plain].stage2_weights == "0:0:1" and not seen[plain].perturb and seen[plain].intermediate == "none"
