@@ -140,8 +140,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.teacher_lrs = [float(v) for v in _csv(args.teacher_lrs)] or args.lrs  # empty: the rows' grid
     args.seeds = [int(v) for v in _csv(args.seeds)]
     args.rows = _csv(args.rows)
-    args.ablation_tasks = _csv(args.ablation_tasks)
-    args.curve_tasks = _csv(args.curve_tasks)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
@@ -165,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--tasks: give at least one task")
     for option in ("ablation_tasks", "curve_tasks"):
         try:
-            setattr(args, option, [get_task(name).name for name in getattr(args, option)])
+            setattr(args, option, [get_task(name).name for name in _csv(getattr(args, option))])
         except UserError as exc:
             p.error(f"--{option}: {exc}")
     if args.teacher is None or not Path(args.teacher).exists():
