@@ -116,6 +116,23 @@ def test_bad_perturbation_settings_are_refused():
         PerturbConfig(mode="both")
 
 
+def test_the_task_stage_perturbs_in_add_mode_and_general_distillation_as_the_paper():
+    """The task stage's default is add (measured: docs/METHOD_NOTES.md); general distillation,
+    unmeasured in add mode, keeps the paper's replace. Both refuse a bad mode by name."""
+    from finetune.glue import GlueArgs
+    from lrcbert.config import parse_args
+    from pretrain.general_distill import PretrainArgs
+
+    task = parse_args(GlueArgs, ["--task", "sst2", "--teacher", "t", "--output_dir", "o"])
+    assert task.perturb_mode == "add" and task.perturbation.mode == "add"
+    assert parse_args(GlueArgs, ["--task", "sst2", "--teacher", "t", "--output_dir", "o", "--perturb_mode",
+                                 "replace"]).perturbation.mode == "replace"
+    general = parse_args(PretrainArgs, ["--teacher", "t", "--corpus", "c", "--output_dir", "o"])
+    assert general.perturb_mode == "replace"
+    with pytest.raises(SystemExit):
+        parse_args(GlueArgs, ["--task", "sst2", "--teacher", "t", "--output_dir", "o", "--perturb_mode", "both"])
+
+
 # ---------------------------------------------------------------- per-rank dropout
 
 def test_each_rank_draws_its_own_dropout():
