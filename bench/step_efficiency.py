@@ -5,7 +5,9 @@
 One process, no launcher, the library's own pieces composed as ``finetune/glue.py``
 composes a step (the teacher forward, ``LRCObjective`` with batch negatives, its loss step
 ``LRCObjective.step`` / ``perturbation_delta``, AdamW from ``lrcbert.runtime.engine.build_optimizer``)
-in the task stage's default add mode (the clean and the perturbed loss backpropagated), the
+in the task stage's default add mode (the clean and the perturbed loss trained on: one backward
+of the clean loss gives dL/de and its parameter gradients, carried into the backward of the
+perturbed loss, as finetune/glue.py does under ZeRO 0-2), the
 same in the paper's replace mode, and a variant whose COS-NCE negatives come from the
 ``MemoryBank`` (as ``pretrain/general_distill.py`` draws them, in replace mode: one
 ``MemoryBank.draw`` scores both passes), with the enqueue after the step.
@@ -42,7 +44,7 @@ from lrcbert.method.layer_map import uniform_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
 from lrcbert.method.objective import LRCObjective, ObjectiveConfig  # noqa: E402
-from lrcbert.method.perturb import PerturbConfig, perturbation_delta  # noqa: E402
+from lrcbert.method.perturb import PerturbConfig, carry_gradients, perturbation_delta, shift_along  # noqa: E402
 from lrcbert.models import DistillStudent, StudentShape, count_parameters, freeze, student_config, with_labels  # noqa: E402
 from lrcbert.runtime.engine import build_optimizer  # noqa: E402
 
@@ -150,12 +152,14 @@ def main(argv=None) -> int:
                 return draw(student_vectors)
         return from_bank
 
+    params = [p for p in module.parameters() if p.requires_grad]  # whole tensors, as under ZeRO 0-2
+
     def whole_step(batch, step, use_bank, mode):
         """The recipe's step, no timers: the library's loss step does steps 1-4."""
         t = objective.teacher(teacher, batch)
         negatives = (bank.draw(batch["rows"], k, bank.make_generator(step)) if use_bank
                      else objective.batch_negatives(t.vectors, negative_generator(0, step)))
-        loss, _ = objective.step(module, batch, t, STAGE2, negatives, probe=module,
+        loss, _ = objective.step(module, batch, t, STAGE2, negatives, probe=module, params=params,
                                  perturb=PerturbConfig(enabled=True, epsilon=EPSILON, mode=mode, relative=False))
         loss.backward()
         optimizer.step()
@@ -182,11 +186,15 @@ def main(argv=None) -> int:
             return total, s_embed
 
         clean, embeddings = loss_of(None, "clean")
-        with ph("perturbation_grad"):
-            delta = perturbation_delta(clean, embeddings, EPSILON, retain_graph=mode == "add")
+        with ph("perturbation_grad"):  # add mode: dL/de and the clean parameter gradients in one backward
+            if mode == "add":
+                grads = torch.autograd.grad(clean, [embeddings, *params])
+                delta = shift_along(grads[0], embeddings, EPSILON)
+            else:
+                delta = perturbation_delta(clean, embeddings, EPSILON)
         loss, _ = loss_of(delta, "perturbed")
         if mode == "add":
-            loss = loss + clean
+            loss = loss + clean.detach() + carry_gradients(params, list(grads[1:]))
         with ph("backward"):
             loss.backward()
         with ph("optimizer"):

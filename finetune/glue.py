@@ -341,6 +341,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     else:
         lr_schedule = warmup_linear_decay(warmup_steps_from(args.warmup, p.total_steps), p.total_steps)
     engine = Engine(module, optimizer, lr_schedule, p.ds_config)
+    whole_parameters = engine.whole_parameters  # add-mode perturbation: two backward passes, not three
     run.seed_dropout(args.seed)
     micro_step = 0
     if args.resume:
@@ -371,7 +372,8 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
             negatives = (objective.batch_negatives(t.vectors, negative_generator(args.seed, step))
                          if objective.uses_cos_nce and weights.alpha > 0 else None)
             loss, logs = objective.step(engine, batch, t, weights, negatives, perturb=args.perturbation,
-                                        probe=engine.module, loss_scale=engine.loss_scale)
+                                        probe=engine.module, loss_scale=engine.loss_scale,
+                                        params=whole_parameters)
         else:
             logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[0]
             loss = hard_loss(logits, batch["labels"], task.is_regression)
