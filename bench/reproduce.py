@@ -19,6 +19,12 @@ Steps, each through the project's own entry points exactly as a user runs them:
 Every row gets the same grid, budget (steps, batch, examples, sequence length) and seeds; a
 finished run (its ``eval_results.json`` exists) is reused, so an interrupted table resumes
 where it stopped (``--fresh`` reruns). Runs live in ``OUT/TASK/ROW/lrLR/seedS``.
+
+A run counts only while it was made as its row runs now: each run's ``args.json`` is compared
+with its row's command (the flags that decide training, ``finetune.glue.effective_flags``).
+When a default changes or a row is redefined, a run that no longer matches its row is moved to
+the row it does match (if that slot is free), or else set aside under ``OUT/superseded/`` and
+listed in ``results.json`` under ``superseded`` (by that folder) with its score; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +82,10 @@ ROWS = {
     "no_cos_nce": Row("general student, no COS-NCE (soft + hard only)", "glue", "general", NO_INTERMEDIATE),
     "mse": Row("general student, hidden-state MSE instead of COS-NCE", "glue", "general", ("--intermediate", "mse")),
     "no_perturb": Row("general student, no gradient perturbation", "glue", "general", ("--perturb", "false")),
-    "perturb_add": Row("general student, perturbation in add mode (steps on the clean + the perturbed loss)", "glue",
-                       "general", ("--perturb_mode", "add")),
-    "perturb_small": Row("general student, perturbation radius 0.003 of the embedding norm (default 0.01)", "glue",
-                         "general", ("--epsilon", "0.003")),
+    "perturb_replace": Row("general student, the paper's replace mode (steps on the perturbed loss alone)", "glue",
+                           "general", ("--perturb_mode", "replace")),
+    "perturb_small": Row("general student, replace mode at radius 0.003 of the embedding norm (0.01 by default)",
+                         "glue", "general", ("--perturb_mode", "replace", "--epsilon", "0.003")),
     "two_stage": Row("general student, the paper's two-stage schedule (80% of the steps COS-NCE alone)", "glue",
                      "general", ("--stage1_fraction", "0.8"), curve=True),
 }
@@ -175,6 +181,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- running
 
+# the settings every run of one table shares (a grid, seeds or curve spacing may grow between calls)
+BUDGET = tuple(k for k in FULL if k not in ("lrs", "teacher_lrs", "seeds", "curve_eval_steps"))
+
 
 def launch(cmd: list[str], log: Path, timeout: int) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
@@ -190,12 +199,97 @@ def launch(cmd: list[str], log: Path, timeout: int) -> int:
             raise
 
 
-def run_once(args, out: Path, cmd: list[str]) -> dict:
-    """One run (reused when its eval_results.json exists); returns that file's contents."""
+# run flags of the TextBrewer baseline that do not change what it trains
+TEXTBREWER_RUN_CONTROL = frozenset({"output_dir", "eval_steps", "eval_batch_size"})
+# paths: where a model or the data sits is not compared (folders move), only whether a student is given
+PATH_FLAGS = frozenset({"teacher", "finetuned_teacher", "data_dir"})
+
+
+def _flags_of(runner: str, values: dict) -> dict:
+    """The flags of a run that decide what it trains, from its flag values (``args.json``)."""
+    if runner == "textbrewer":
+        from bench.textbrewer_baseline import BaselineArgs as cls
+
+        def effective(a):
+            return {k: v for k, v in asdict(a).items() if k not in TEXTBREWER_RUN_CONTROL}
+    else:
+        from finetune.glue import GlueArgs as cls
+        from finetune.glue import effective_flags as effective
+    known = {f for f in cls.__dataclass_fields__}
+    # a flag added after the run was made is absent from its args.json: it takes today's default
+    flags = effective(cls(**{k: v for k, v in values.items() if k in known}))
+    flags = {k: v for k, v in flags.items() if k not in PATH_FLAGS}
+    if "student" in flags:
+        flags["student"] = "given" if flags["student"] else None
+    return json.loads(json.dumps(flags))  # tuples as lists, as args.json has them
+
+
+def command_flags(runner: str, cmd: list[str]) -> dict:
+    """What a row's command line trains with (see ``_flags_of``)."""
+    from lrcbert.config import parse_args as parse_flags
+
+    from bench.textbrewer_baseline import BaselineArgs
+    from finetune.glue import GlueArgs
+
+    script = next(i for i, c in enumerate(cmd) if c.endswith(".py"))
+    parsed = parse_flags(BaselineArgs if runner == "textbrewer" else GlueArgs, cmd[script + 1:])
+    return _flags_of(runner, asdict(parsed))
+
+
+def recorded_flags(out: Path) -> tuple[str, dict] | None:
+    """(runner, flags) of a finished run from its args.json (None without one)."""
+    path = out / "args.json"
+    if not path.exists():
+        return None
+    values = json.loads(path.read_text())
+    runner = "textbrewer" if "finetuned_teacher" in values else "glue"
+    return runner, _flags_of(runner, values)
+
+
+def differences(a: dict, b: dict) -> dict:
+    """{flag: [a's value, b's value]} where two flag sets differ."""
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def set_aside(args, state: dict, task: str, name: str, lr: str, seed: str, out: Path, score, differs: dict) -> Path:
+    """Move a run that no longer matches its row to OUT/superseded/... (never deleted)."""
+    where = f"{task}/{name}/lr{float(lr):g}/seed{seed}"
+    base = args.out_path / "superseded" / where
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}.{n}")
+    move_run(out, target)
+    state.setdefault("superseded", {})[str(target.relative_to(args.out_path / "superseded"))] = {
+        "task": task, "row": name, "lr": float(lr), "seed": int(seed), "score": score,
+        "differs (recorded, now)": differs, "when": time.strftime("%Y-%m-%d")}
+    print(f"  {where} was made with other flags ({', '.join(differs)}): "
+          f"set aside in {target.relative_to(args.out_path)}", flush=True)
+    return target
+
+
+def move_run(src: Path, dst: Path) -> None:
+    """Move a run folder and its log (``seedS.log`` beside it)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+    log = src.parent / f"{src.name}.log"
+    if log.exists():
+        log.rename(dst.parent / f"{dst.name}.log")
+
+
+def run_once(args, out: Path, cmd: list[str], runner: str = "glue", set_aside_run=None) -> dict:
+    """One run (reused when its eval_results.json exists and it was made with ``cmd``'s flags;
+    otherwise ``set_aside_run(out, differences)`` moves it away first); returns that file's contents."""
     results = out / "eval_results.json"
     if results.exists() and not args.fresh:
-        print(f"  reusing {out.relative_to(args.out_path)}", flush=True)
-        return json.loads(results.read_text())
+        recorded = recorded_flags(out)
+        differs = differences(recorded[1], command_flags(runner, cmd)) if recorded else {}
+        if not differs:
+            print(f"  reusing {out.relative_to(args.out_path)}", flush=True)
+            return json.loads(results.read_text())
+        if set_aside_run is None:
+            raise SystemExit(f"error: {out} was made with other flags: {differs}")
+        set_aside_run(out, differs)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"
     start = time.time()
@@ -373,7 +467,7 @@ def plot_curves(curves: dict[str, list], metric: str, teacher: float | None, pat
         ax.axhline(teacher, color="black", linestyle="--", label="teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"dev {metric}")
-    ax.set_title(f"{task}: dev metric by step (first seed at the chosen rate)")
+    ax.set_title(f"{task}: dev metric by step (at the chosen rate, the seed evaluated most often)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -393,17 +487,81 @@ def curve_files(task: str) -> tuple[str, str]:
     return ("curves.png", "curves") if task == "sst2" else (f"curves_{task}.png", f"curves_{task}")
 
 
+def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
+    """Check every recorded run of ``task`` against the command its row runs now.
+
+    A run made with other flags (a default changed, a row was redefined or retired) moves to
+    the row whose command it matches when that row has no run at its rate and seed, and is
+    set aside under OUT/superseded/ otherwise: the table never counts a run its row would not
+    make today. Runs of general-student rows are checked only when the general student is
+    known. A stale teacher stops the table: every row of the task distills from it."""
+    t = state["tasks"][task]
+
+    def wanted(name, lr, seed):
+        row = ROWS.get(name)
+        if row is None or (row.init == "general" and not args.general_student):
+            return None
+        out = args.out_path / task / name / f"lr{float(lr):g}" / f"seed{seed}"
+        return command_flags(row.runner, row_command(args, task, data_dir, name, float(lr), int(seed), out, "teacher"))
+
+    stale = []
+    for name, by_lr in t["runs"].items():
+        for lr, seeds in by_lr.items():
+            for seed, score in seeds.items():
+                out = args.out_path / task / name / f"lr{float(lr):g}" / f"seed{seed}"
+                recorded = recorded_flags(out)
+                own = wanted(name, lr, seed)
+                if recorded is None or (own is None and name in ROWS) or recorded[1] == own:
+                    continue
+                if name == "teacher":
+                    raise SystemExit(f"error: the {task} teacher {out} was made with other flags "
+                                     f"{differences(recorded[1], own)}; move {args.out_path / task} aside to rebuild "
+                                     "the task's table")
+                stale.append((name, lr, seed, score, out, recorded[1], own))
+    staged = []
+    for name, lr, seed, score, out, recorded, own in stale:  # first lift every stale run out of its slot
+        del t["runs"][name][lr][seed]
+        lifted = out.with_name(out.name + ".reconciling")
+        move_run(out, lifted)
+        staged.append((name, lr, seed, score, lifted, recorded, own))
+    for name, lr, seed, score, lifted, recorded, own in staged:
+        target = next((r for r in ROWS if r != name and wanted(r, lr, seed) == recorded), None)
+        if target is not None:
+            dest = args.out_path / task / target / f"lr{float(lr):g}" / f"seed{seed}"
+            slot = t["runs"].setdefault(target, {}).setdefault(lr, {})
+            if seed not in slot and not dest.exists():
+                move_run(lifted, dest)
+                slot[seed] = score
+                print(f"  {task}/{name}/lr{float(lr):g}/seed{seed} matches row {target} as rows run now: moved there",
+                      flush=True)
+                continue
+        set_aside(args, state, task, name, lr, seed, lifted, score,
+                  differences(recorded, own) if own is not None else {"row": [name, "retired"]})
+    for by_lr in t["runs"].values():
+        for lr in [lr for lr, seeds in by_lr.items() if not seeds]:
+            del by_lr[lr]
+
+
 def run_task(args, task: str, state: dict, command: str) -> None:
     spec, data_dir = args.task_specs[task]
     metric = spec.primary_metric
     rows = rows_of_task(args.rows, task, args.ablation_tasks)
     t = state["tasks"].setdefault(task, {"metric": metric, "chance": chance_level(spec, data_dir, args.eval_samples),
                                          "runs": {}, "summary": {}, "paired": {}})
+    reconcile(args, task, data_dir, state)
     t["runs"] = {r: t["runs"].get(r, {}) for r in ROWS if r in rows or r in t["runs"]}  # earlier rows stay
+    t["summary"] = {r: v for r, v in t["summary"].items() if r in t["runs"]}
     teacher_dir = None
 
     def record(name, lr, seed, results):
         t["runs"][name].setdefault(str(lr), {})[str(seed)] = score_of(results, metric)
+
+    def aside(name, lr, seed):
+        """run_once's runner and how it sets aside a finished run made with other flags."""
+        def move(out, differs):
+            score = t["runs"][name].get(str(lr), {}).pop(str(seed), None)
+            set_aside(args, state, task, name, str(lr), str(seed), out, score, differs)
+        return ROWS[name].runner, move
 
     def chosen(name):
         """The rate with the best selection-seed score among those run (None before any)."""
@@ -431,7 +589,7 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             out = args.out_path / task / name / f"lr{lr:g}" / f"seed{SELECTION_SEED}"
             print(f"[{task}] {name}, lr {lr:g}, seed {SELECTION_SEED}", flush=True)
             record(name, lr, SELECTION_SEED, run_once(args, out, row_command(
-                args, task, data_dir, name, lr, SELECTION_SEED, out, teacher_dir)))
+                args, task, data_dir, name, lr, SELECTION_SEED, out, teacher_dir), *aside(name, lr, SELECTION_SEED)))
             refresh()
     for seed in args.seeds:  # phase 2: more seeds at each row's chosen rate (seed-major)
         for name in rows:
@@ -441,7 +599,7 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             out = args.out_path / task / name / f"lr{lr:g}" / f"seed{seed}"
             print(f"[{task}] {name}, lr {lr:g}, seed {seed}", flush=True)
             record(name, lr, seed, run_once(args, out, row_command(args, task, data_dir, name, lr, seed, out,
-                                                                   teacher_dir)))
+                                                                   teacher_dir), *aside(name, lr, seed)))
             refresh()
     refresh()
     if task in args.curve_tasks:
@@ -450,10 +608,13 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             if not (ROWS[name].curve and t["summary"].get(name)):
                 continue
             lr = t["summary"][name]["lr"]
-            runs = [args.out_path / task / name / f"lr{lr:g}" / f"seed{s}" for s in [*args.seeds, SELECTION_SEED]]
-            run_dir = next((r for r in runs if (r / "eval_results.json").exists()), None)
-            if run_dir is not None:
-                curves[name] = read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text()))
+            found = []  # every recorded seed at the chosen rate: the curve with the most evaluations is drawn
+            for seed in sorted(t["runs"][name].get(str(lr), {}), key=int):
+                run_dir = args.out_path / task / name / f"lr{lr:g}" / f"seed{seed}"
+                if (run_dir / "eval_results.json").exists():
+                    found.append(read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text())))
+            if found:
+                curves[name] = max(found, key=len)  # the first such seed on a tie
         if curves:
             png, key = curve_files(task)
             plot_curves(curves, metric, (t["summary"].get("teacher") or {}).get("mean"), args.out_path / png,
@@ -479,9 +640,16 @@ def main(argv=None) -> int:
     previous = args.out_path / "results.json"
     state = json.loads(previous.read_text()) if previous.exists() and not args.fresh else {}
     state.setdefault("tasks", {})
+    budget = {k: v for k, v in state.get("settings", {}).items() if k in BUDGET and v != getattr(args, k)}
+    if budget:  # the table's runs were made at another budget: refuse before moving or running anything
+        print(f"error: {previous} was made with " + ", ".join(f"--{k} {v}" for k, v in budget.items())
+              + "; pass the same budget or another --out", file=sys.stderr)
+        return 2
     if any(ROWS[r].init == "general" for r in args.rows):
         args.general_student = general_student(args)
         state["general_student"] = args.general_student
+    elif not args.general_student:  # only to check the recorded general-student runs
+        args.general_student = state.get("general_student")
     for task in args.task_specs:
         run_task(args, task, state, command)
     print(write_outputs(args, state, command))

@@ -4,10 +4,13 @@
 
 One process, no launcher, the library's own pieces composed as ``finetune/glue.py``
 composes a step (the teacher forward, ``LRCObjective`` with batch negatives, its loss step
-``LRCObjective.step`` / ``perturbation_delta``, AdamW from ``lrcbert.runtime.engine.build_optimizer``),
-plus a second variant whose COS-NCE negatives come from the ``MemoryBank`` (as
-``pretrain/general_distill.py`` draws them: one ``MemoryBank.draw`` scores both passes), with
-the enqueue after the step.
+``LRCObjective.step`` / ``perturbation_delta``, AdamW from ``lrcbert.runtime.engine.build_optimizer``)
+in the task stage's default add mode (the clean and the perturbed loss trained on: one backward
+of the clean loss gives dL/de and its parameter gradients, carried into the backward of the
+perturbed loss, as finetune/glue.py does under ZeRO 0-2), the
+same in the paper's replace mode, and a variant whose COS-NCE negatives come from the
+``MemoryBank`` (as ``pretrain/general_distill.py`` draws them, in replace mode: one
+``MemoryBank.draw`` scores both passes), with the enqueue after the step.
 
 Measured interleaved in every repeat, on real SST-2 training sentences:
 - the whole step, uninstrumented (the library's ``LRCObjective.step``), per variant;
@@ -41,14 +44,13 @@ from lrcbert.method.layer_map import uniform_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
 from lrcbert.method.objective import LRCObjective, ObjectiveConfig  # noqa: E402
-from lrcbert.method.perturb import PerturbConfig, perturbation_delta  # noqa: E402
+from lrcbert.method.perturb import PerturbConfig, carry_gradients, perturbation_delta, shift_along  # noqa: E402
 from lrcbert.models import DistillStudent, StudentShape, count_parameters, freeze, student_config, with_labels  # noqa: E402
 from lrcbert.runtime.engine import build_optimizer  # noqa: E402
 
 GOAL_RATIO = 1.10
 STAGE2 = LossWeights(1.0, 1.0, 3.0)  # every term active: the dearer of the two stages
 EPSILON = 1e-5
-PERTURB = PerturbConfig(enabled=True, epsilon=EPSILON)
 PHASES = ("teacher_forward", "teacher_vectors_and_negatives", "student_forward_clean", "losses_clean",
           "perturbation_grad", "student_forward_perturbed", "losses_perturbed", "backward", "optimizer",
           "bank_scoring", "bank_enqueue")
@@ -150,20 +152,24 @@ def main(argv=None) -> int:
                 return draw(student_vectors)
         return from_bank
 
-    def whole_step(batch, step, use_bank):
+    params = [p for p in module.parameters() if p.requires_grad]  # whole tensors, as under ZeRO 0-2
+
+    def whole_step(batch, step, use_bank, mode):
         """The recipe's step, no timers: the library's loss step does steps 1-4."""
         t = objective.teacher(teacher, batch)
         negatives = (bank.draw(batch["rows"], k, bank.make_generator(step)) if use_bank
                      else objective.batch_negatives(t.vectors, negative_generator(0, step)))
-        loss, _ = objective.step(module, batch, t, STAGE2, negatives, perturb=PERTURB, probe=module)
+        loss, _ = objective.step(module, batch, t, STAGE2, negatives, probe=module, params=params,
+                                 perturb=PerturbConfig(enabled=True, epsilon=EPSILON, mode=mode, relative=False))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if use_bank:
             bank.enqueue(t.vectors, batch["rows"])
 
-    def phased_step(batch, step, use_bank, ph):
-        """The same step with a timer around each phase."""
+    def phased_step(batch, step, use_bank, mode, ph):
+        """The same step with a timer around each phase (add mode keeps the clean graph and
+        backpropagates both losses)."""
         with ph("teacher_forward"):
             t_logits, t_hidden = teacher_forward(teacher, batch)
         mask = batch["attention_mask"]
@@ -180,9 +186,15 @@ def main(argv=None) -> int:
             return total, s_embed
 
         clean, embeddings = loss_of(None, "clean")
-        with ph("perturbation_grad"):
-            delta = perturbation_delta(clean, embeddings, EPSILON)
+        with ph("perturbation_grad"):  # add mode: dL/de and the clean parameter gradients in one backward
+            if mode == "add":
+                grads = torch.autograd.grad(clean, [embeddings, *params])
+                delta = shift_along(grads[0], embeddings, EPSILON)
+            else:
+                delta = perturbation_delta(clean, embeddings, EPSILON)
         loss, _ = loss_of(delta, "perturbed")
+        if mode == "add":
+            loss = loss + clean.detach() + carry_gradients(params, list(grads[1:]))
         with ph("backward"):
             loss.backward()
         with ph("optimizer"):
@@ -205,7 +217,10 @@ def main(argv=None) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    variants = {"batch_negatives": False, "bank_negatives": True}
+    # name: (bank negatives?, perturbation mode). The task stage (finetune/glue.py) draws batch
+    # negatives in add mode, its default; general distillation draws from the bank in replace mode
+    variants = {"batch_negatives": (False, "add"), "batch_negatives_replace": (False, "replace"),
+                "bank_negatives": (True, "replace")}
     samples = {name: {"whole": [], "phased": [], "phases": []} for name in variants}
     samples["reference"] = {"total": [], "parts": []}
     for step, batch in enumerate(batches):
@@ -215,13 +230,13 @@ def main(argv=None) -> int:
         if timed:
             samples["reference"]["total"].append(sum(v for k_, v in ref.times.items() if k_ != "optimizer"))
             samples["reference"]["parts"].append(ref.times)
-        for name, use_bank in variants.items():
+        for name, (use_bank, mode) in variants.items():
             start = time.perf_counter()
-            whole_step(batch, step, use_bank)
+            whole_step(batch, step, use_bank, mode)
             whole = time.perf_counter() - start
             ph = Phases()
             start = time.perf_counter()
-            phased_step(batch, step, use_bank, ph)
+            phased_step(batch, step, use_bank, mode, ph)
             if timed:
                 samples[name]["whole"].append(whole)
                 samples[name]["phased"].append(time.perf_counter() - start)
@@ -250,7 +265,8 @@ def main(argv=None) -> int:
         whole_ms = med(s["whole"])
         ratios = [w / r for w, r in zip(s["whole"], samples["reference"]["total"])]
         ratio = statistics.median(ratios)  # paired: each step against the reference timed next to it
-        entry = {"whole_step_ms": whole_ms, "phased_step_ms": med(s["phased"]), "phases_ms": phases,
+        entry = {"negatives": "bank" if variants[name][0] else "batch", "perturb_mode": variants[name][1],
+                 "whole_step_ms": whole_ms, "phased_step_ms": med(s["phased"]), "phases_ms": phases,
                  "ratio": ratio, "ratio_of_medians": whole_ms / ref_ms,
                  "ratio_to_reference_plus_optimizer": statistics.median(
                      w / r for w, r in zip(s["whole"], ref_opt)),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +34,7 @@ from lrcbert.flags import GlueStudentFlags, SharedFlags  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
+from lrcbert.method.perturb import PERTURB_MODES  # noqa: E402
 from lrcbert.method.objective import INTERMEDIATE_LOSSES, LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.method.schedule import (TwoStageSchedule, parse_weights, two_stage_lr,  # noqa: E402
                                      warmup_linear_decay, warmup_steps_from)
@@ -84,6 +85,48 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
     resume: bool = flag("continue from OUTPUT_DIR/checkpoints/latest, at this or another world size (the global "
                         "batch is kept)", False)
     max_test_samples: int = flag("use the first N examples of each test split", -1)
+    # the task stage's own default (general distillation keeps the paper's replace): in replace
+    # mode the student never trains on a clean input, and at the README budget that cost STS-B
+    # and CoLA (CoLA: a constant predictor); add steps on both losses (docs/METHOD_NOTES.md)
+    _: KW_ONLY
+    perturb_mode: str = flag("replace: train on L(e') only (the paper); add: L(e) + L(e'), the task-stage default",
+                             "add", choices=PERTURB_MODES)
+
+
+# flags that never change what a run trains or scores: where things go, logging, checkpoints,
+# timeouts, and the pass/fail teacher gate
+RUN_CONTROL = frozenset({
+    "output_dir", "overwrite_output_dir", "resume", "stop_after_steps", "keep_checkpoints", "save_steps", "log_steps",
+    "eval_steps", "eval_batch_size", "max_test_samples", "dist_timeout", "dry_run", "world_size", "ds_config",
+    "teacher_gate", "gate_margin", "gate_min_correlation"})
+# flags only the distillation reads: teacher fine-tuning ignores them
+DISTILL_ONLY = frozenset({
+    "student", "student_layers", "student_hidden", "student_intermediate", "student_heads", "pooling", "perturb",
+    "epsilon", "epsilon_relative", "perturb_mode", "layer_map", "stage1_fraction", "stage1_weights", "stage2_weights",
+    "intermediate", "negatives", "num_negatives", "temperature", "lr_schedule"})
+
+
+def effective_flags(args: GlueArgs) -> dict:
+    """The flags that decide what a run trains and scores, as ``args.json`` records them: run
+    control is left out, and so is every flag this run's other settings make inert (the
+    distillation flags in teacher fine-tuning, the perturbation's knobs with ``--perturb false``,
+    the negatives with no COS-NCE, stage 1's weights with no stage 1). Runs with equal effective
+    flags on the same data, teacher and student train the same way."""
+    inert = set(RUN_CONTROL)
+    if args.stage == "teacher":
+        inert |= DISTILL_ONLY
+    else:
+        if not args.perturb:
+            inert |= {"epsilon", "epsilon_relative", "perturb_mode"}
+        if args.intermediate != "cos_nce":
+            inert |= {"pooling", "negatives", "num_negatives"}
+        if args.intermediate == "none":
+            inert.add("layer_map")
+        if args.stage1_fraction == 0:
+            inert.add("stage1_weights")
+    if args.max_steps > 0:
+        inert.add("num_epochs")
+    return {k: v for k, v in asdict(args).items() if k not in inert}
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -298,6 +341,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     else:
         lr_schedule = warmup_linear_decay(warmup_steps_from(args.warmup, p.total_steps), p.total_steps)
     engine = Engine(module, optimizer, lr_schedule, p.ds_config)
+    whole_parameters = engine.whole_parameters  # add-mode perturbation: two backward passes, not three
     run.seed_dropout(args.seed)
     micro_step = 0
     if args.resume:
@@ -328,7 +372,8 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
             negatives = (objective.batch_negatives(t.vectors, negative_generator(args.seed, step))
                          if objective.uses_cos_nce and weights.alpha > 0 else None)
             loss, logs = objective.step(engine, batch, t, weights, negatives, perturb=args.perturbation,
-                                        probe=engine.module, loss_scale=engine.loss_scale)
+                                        probe=engine.module, loss_scale=engine.loss_scale,
+                                        params=whole_parameters)
         else:
             logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[0]
             loss = hard_loss(logits, batch["labels"], task.is_regression)

@@ -303,6 +303,7 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
     optimizer = build_optimizer(module, args.learning_rate, args.weight_decay)
     lr_schedule = warmup_linear_decay(warmup_steps_from(args.warmup, p.total_steps), p.total_steps)
     engine = Engine(module, optimizer, lr_schedule, p.ds_config)
+    whole_parameters = engine.whole_parameters  # add-mode perturbation: two backward passes, not three
     run.seed_dropout(args.seed)
     micro_step = 0
     if args.resume:
@@ -337,7 +338,8 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
         else:
             negatives = objective.batch_negatives(t.vectors, negative_generator(args.seed, micro_step))
         loss, logs = objective.step(engine, batch, t, COS_ONLY, negatives, perturb=args.perturbation,
-                                    probe=engine.module, loss_scale=engine.loss_scale)
+                                    probe=engine.module, loss_scale=engine.loss_scale,
+                                    params=whole_parameters)
         check_finite_loss(loss, engine.global_steps, micro_step, batch["rows"].tolist, what="corpus sequences")
         engine.backward(loss)
         engine.step()

@@ -64,6 +64,8 @@ def test_step_efficiency_parts_and_ratio(tmp_path, capsys):
     assert data["variants"]["bank_negatives"]["phases_ms"]["bank_scoring"] > 0
     assert data["variants"]["bank_negatives"]["phases_ms"]["bank_enqueue"] > 0
     assert "bank_scoring" not in data["variants"]["batch_negatives"]["phases_ms"]
+    assert [(v["negatives"], v["perturb_mode"]) for v in data["variants"].values()] == [
+        ("batch", "add"), ("batch", "replace"), ("bank", "replace")]  # the task stage's default first
 
 
 @timeout(90)

@@ -116,6 +116,23 @@ def test_bad_perturbation_settings_are_refused():
         PerturbConfig(mode="both")
 
 
+def test_the_task_stage_perturbs_in_add_mode_and_general_distillation_as_the_paper():
+    """The task stage's default is add (measured: docs/METHOD_NOTES.md); general distillation,
+    unmeasured in add mode, keeps the paper's replace. Both refuse a bad mode by name."""
+    from finetune.glue import GlueArgs
+    from lrcbert.config import parse_args
+    from pretrain.general_distill import PretrainArgs
+
+    task = parse_args(GlueArgs, ["--task", "sst2", "--teacher", "t", "--output_dir", "o"])
+    assert task.perturb_mode == "add" and task.perturbation.mode == "add"
+    assert parse_args(GlueArgs, ["--task", "sst2", "--teacher", "t", "--output_dir", "o", "--perturb_mode",
+                                 "replace"]).perturbation.mode == "replace"
+    general = parse_args(PretrainArgs, ["--teacher", "t", "--corpus", "c", "--output_dir", "o"])
+    assert general.perturb_mode == "replace"
+    with pytest.raises(SystemExit):
+        parse_args(GlueArgs, ["--task", "sst2", "--teacher", "t", "--output_dir", "o", "--perturb_mode", "both"])
+
+
 # ---------------------------------------------------------------- per-rank dropout
 
 def test_each_rank_draws_its_own_dropout():
@@ -126,3 +143,55 @@ def test_each_rank_draws_its_own_dropout():
         run.seed_dropout(42)
         draws.append(torch.rand(4))
     assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_add_mode_in_two_backward_passes_gives_the_three_pass_gradients():
+    """Add mode with the parameters given: one backward of the clean loss yields dL/de and the
+    clean gradients, which the returned loss carries into the engine's backward. The
+    parameter gradients equal those of backpropagating L(e) + L(e') through both graphs."""
+    ids = torch.randint(1, 50, (3, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+
+    def grads_and_loss(params_given: bool, loss_scale: float = 1.0):
+        torch.manual_seed(0)
+        model = _student(dropout=0.2).train()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+
+        def loss_of(forward, delta=None):
+            logits, _, embeddings, _ = forward(ids, mask, None, delta)
+            loss = logits.pow(2).mean()
+            return loss, {"total": loss.detach()}, embeddings
+
+        params = [p for p in model.parameters() if p.requires_grad] if params_given else None
+        loss, logs = perturbed_loss(loss_of, model, model, 0.05, loss_scale, "add", attention_mask=mask,
+                                    relative=True, params=params)
+        (loss * loss_scale).backward()  # as the engine does: the loss scaled, then backward
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, loss, logs
+
+    three, loss3, logs3 = grads_and_loss(False)
+    two, loss2, logs2 = grads_and_loss(True)
+    scaled, _, _ = grads_and_loss(True, loss_scale=128.0)
+    assert torch.allclose(loss2, loss3) and torch.equal(logs2["clean/total"], logs3["clean/total"])
+    assert set(two) == set(three) and len(two) > 10
+    for name in three:
+        assert torch.allclose(two[name], three[name], rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(scaled[name] / 128.0, three[name], rtol=1e-4, atol=1e-6), name
+    # replace mode ignores the parameters: only the perturbed loss is trained
+    replace = _replace_grads(ids, mask)
+    assert set(replace) == set(two) and any(not torch.allclose(replace[n], two[n]) for n in two)
+
+
+def _replace_grads(ids, mask):
+    torch.manual_seed(0)
+    model = _student(dropout=0.2).train()
+    torch.manual_seed(1)
+
+    def loss_of(forward, delta=None):
+        logits, _, embeddings, _ = forward(ids, mask, None, delta)
+        return logits.pow(2).mean(), {}, embeddings
+
+    loss, _ = perturbed_loss(loss_of, model, model, 0.05, 1.0, "replace", attention_mask=mask, relative=True,
+                             params=list(model.parameters()))
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -1,5 +1,6 @@
 """bench/reproduce.py in its CI setting: the quality table is produced end to end and cannot rot."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,7 +8,8 @@ import sys
 import pytest
 
 from tests.helpers import REPO, make_tiny_encoder, run_group
-from bench.reproduce import ROWS, chance_level, curve_files, paired_test, row_command, rows_of_task, summarize_row
+from bench.reproduce import (ROWS, chance_level, command_flags, curve_files, paired_test, reconcile, row_command,
+                             rows_of_task, run_once, summarize_row)
 from bench.reproduce import parse_args as parse_reproduce_args
 
 
@@ -58,7 +60,8 @@ def test_quick_quality_table_every_row(tmp_path):
     args_of = quick_table(tmp_path, list(ROWS))
     assert args_of["mse"]["intermediate"] == "mse" and args_of["no_cos_nce"]["intermediate"] == "none"
     assert args_of["no_perturb"]["perturb"] is False and args_of["lrc_bert"]["perturb"] is True
-    assert args_of["perturb_add"]["perturb_mode"] == "add" and args_of["perturb_small"]["epsilon"] == 0.003
+    assert args_of["perturb_replace"]["perturb_mode"] == "replace" and args_of["lrc_bert"]["perturb_mode"] == "add"
+    assert args_of["perturb_small"]["epsilon"] == 0.003 and args_of["perturb_small"]["perturb_mode"] == "replace"
     assert args_of["two_stage"]["stage1_fraction"] == 0.8 and args_of["lrc_bert"]["stage1_fraction"] == 0
     assert args_of["plain_ft"]["stage2_weights"] == "0:0:1"
 
@@ -87,8 +90,9 @@ def test_every_row_command_parses_and_differs_only_by_its_flags(tmp_path):
     assert seen["lrc_bert1"].intermediate == "cos_nce" and seen["lrc_bert1"].stage1_fraction == lrc.stage1_fraction
     assert seen["mse"].intermediate == "mse" and seen["no_cos_nce"].intermediate == "none"
     assert seen["no_perturb"].perturb is False and lrc.perturb is True
-    assert seen["perturb_add"].perturb_mode == "add" and lrc.perturb_mode == "replace"
-    assert seen["perturb_small"].epsilon == 0.003 and lrc.epsilon == 0.01
+    assert seen["perturb_replace"].perturb_mode == "replace" and lrc.perturb_mode == "add"
+    assert seen["perturb_small"].epsilon == 0.003 and seen["perturb_small"].perturb_mode == "replace"
+    assert lrc.epsilon == 0.01
     assert seen["two_stage"].stage1_fraction == 0.8 and lrc.stage1_fraction == 0
     for plain in ("plain_ft", "plain_ft_general"):
         assert seen[plain].stage2_weights == "0:0:1" and not seen[plain].perturb and seen[plain].intermediate == "none"
@@ -157,3 +161,103 @@ def test_bad_arguments_are_refused_before_any_run(tmp_path):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ a run counts only as its row runs now
+
+
+def fake_run(args, task, row, seed, glue_flags, score, folder=None):
+    """A finished run as finetune/glue.py leaves it: args.json (the flags the command parses to,
+    with ``glue_flags`` on top), eval_results.json and the log beside it."""
+    from finetune.glue import GlueArgs
+    from lrcbert.config import parse_args
+
+    out = args.out_path / task / (folder or row) / "lr0.0003" / f"seed{seed}"
+    cmd = row_command(args, task, args.out_path, row, 3e-4, seed, out, "teacher")
+    script = next(i for i, c in enumerate(cmd) if c.endswith(".py"))
+    parsed = parse_args(GlueArgs, cmd[script + 1:] + list(glue_flags))
+    out.mkdir(parents=True)
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(parsed)))
+    (out / "eval_results.json").write_text(json.dumps({"dev": {"accuracy": score}}))
+    (out.parent / f"seed{seed}.log").write_text("log\n")
+    return out
+
+
+def test_a_default_change_moves_each_run_to_the_row_it_now_matches(tmp_path):
+    """The task stage's perturbation default went from replace to add: the runs made as
+    'lrc_bert' (replace) become the perturb_replace row, those of the retired 'perturb_add' row
+    become lrc_bert, and an ablation made with replace is set aside with its score; nothing is
+    deleted and a run that still matches stays."""
+    args = bench_reproduce_args(tmp_path)
+    args.out_path = tmp_path / "r"
+    replace, add = ("--perturb_mode", "replace"), ("--perturb_mode", "add")
+    fake_run(args, "sst2", "lrc_bert", 2, replace, 0.79)
+    fake_run(args, "sst2", "lrc_bert", 2, add, 0.80, folder="perturb_add")
+    fake_run(args, "sst2", "no_cos_nce", 2, replace, 0.70)
+    fake_run(args, "sst2", "no_perturb", 2, (), 0.78)
+    state = {"tasks": {"sst2": {"runs": {
+        "lrc_bert": {"0.0003": {"2": 0.79}}, "no_cos_nce": {"0.0003": {"2": 0.70}},
+        "no_perturb": {"0.0003": {"2": 0.78}}, "perturb_add": {"0.0003": {"2": 0.80}}}}},
+        "superseded": {"sst2/older": {"note": "kept as it was"}}}
+    reconcile(args, "sst2", tmp_path, state)
+
+    runs = state["tasks"]["sst2"]["runs"]
+    assert runs["lrc_bert"] == {"0.0003": {"2": 0.80}} and runs["perturb_replace"] == {"0.0003": {"2": 0.79}}
+    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and runs["no_cos_nce"] == {} and runs["perturb_add"] == {}
+    root = args.out_path / "sst2"
+    assert json.loads((root / "lrc_bert/lr0.0003/seed2/args.json").read_text())["perturb_mode"] == "add"
+    assert json.loads((root / "perturb_replace/lr0.0003/seed2/args.json").read_text())["perturb_mode"] == "replace"
+    assert (root / "perturb_replace/lr0.0003/seed2.log").exists() and not (root / "perturb_add/lr0.0003/seed2").exists()
+    aside = state["superseded"]["sst2/no_cos_nce/lr0.0003/seed2"]
+    assert aside["score"] == 0.70 and aside["differs (recorded, now)"] == {"perturb_mode": ["replace", "add"]}
+    assert (args.out_path / "superseded/sst2/no_cos_nce/lr0.0003/seed2/eval_results.json").exists()
+    assert state["superseded"]["sst2/older"] == {"note": "kept as it was"}
+    assert not list(args.out_path.rglob("*.reconciling"))
+
+    again = json.loads(json.dumps(state))
+    reconcile(args, "sst2", tmp_path, again)  # everything matches now: nothing moves
+    assert again == state
+
+
+def test_flags_a_run_ignores_do_not_make_it_stale(tmp_path):
+    """Evaluation steps, paths, and the perturbation's knobs with --perturb false or the
+    distillation flags of teacher fine-tuning never mark a run as made differently."""
+    from finetune.glue import GlueArgs, effective_flags
+
+    args = bench_reproduce_args(tmp_path)
+    plain = row_command(args, "sst2", tmp_path, "plain_ft", 3e-4, 2, tmp_path / "x", "teacher")
+    assert command_flags("glue", plain) == command_flags("glue", plain + ["--perturb_mode", "replace",
+                                                                           "--eval_steps", "5", "--epsilon", "0.5"])
+    teacher = row_command(args, "sst2", tmp_path, "teacher", 3e-4, 1, tmp_path / "t", None)
+    assert command_flags("glue", teacher) == command_flags("glue", teacher + ["--stage1_fraction", "0.8",
+                                                                               "--perturb_mode", "replace"])
+    lrc = row_command(args, "sst2", tmp_path, "lrc_bert", 3e-4, 2, tmp_path / "x", "teacher")
+    assert command_flags("glue", lrc) != command_flags("glue", lrc + ["--perturb_mode", "replace"])
+    assert command_flags("glue", lrc) != command_flags("glue", lrc + ["--max_steps", "9"])
+    distill = GlueArgs(task="sst2", teacher="t", output_dir="o", intermediate="none", stage1_fraction=0.0)
+    assert {"pooling", "num_negatives", "layer_map", "stage1_weights", "output_dir"}.isdisjoint(effective_flags(distill))
+
+
+def test_a_finished_run_is_reused_only_as_its_row_runs_now(tmp_path):
+    args = bench_reproduce_args(tmp_path)
+    args.out_path, args.fresh = tmp_path / "r", False
+    out = fake_run(args, "sst2", "no_perturb", 2, (), 0.78)
+    cmd = row_command(args, "sst2", tmp_path, "no_perturb", 3e-4, 2, out, "teacher")
+    assert run_once(args, out, cmd)["dev"]["accuracy"] == 0.78  # reused: nothing launched
+    stale = fake_run(args, "sst2", "lrc_bert", 2, ("--perturb_mode", "replace"), 0.79)
+    with pytest.raises(SystemExit, match="perturb_mode"):
+        run_once(args, stale, row_command(args, "sst2", tmp_path, "lrc_bert", 3e-4, 2, stale, "teacher"))
+    assert (stale / "eval_results.json").exists()
+
+
+def test_a_table_refuses_another_budget_before_touching_its_runs(tmp_path):
+    out = tmp_path / "r"
+    run = out / "sst2" / "lrc_bert" / "lr0.0003" / "seed1"
+    run.mkdir(parents=True)
+    (run / "eval_results.json").write_text("{}")
+    recorded = {"tasks": {}, "settings": {"student_steps": 1200, "teacher_steps": 150, "seeds": [2, 3]}}
+    (out / "results.json").write_text(json.dumps(recorded))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--out", str(out), "--tasks", "sst2",
+                           "--rows", "plain_ft", "--seeds", "5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--student_steps 1200" in proc.stderr and "teacher_steps" not in proc.stderr
+    assert json.loads((out / "results.json").read_text()) == recorded and (run / "eval_results.json").exists()

@@ -143,6 +143,7 @@ class LRCObjective:
         perturb: PerturbConfig = PerturbConfig(enabled=False),
         probe: StudentForward | None = None,
         loss_scale: float = 1.0,
+        params: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch: the loss to backpropagate and its named parts for logging.
 
@@ -158,6 +159,8 @@ class LRCObjective:
             perturb: gradient perturbation; when enabled the clean pass runs on ``probe``
                 (the bare module: it only feeds dL/de) and the perturbed pass on ``student``.
             loss_scale: the fp16 loss scale, so the direction's gradient does not underflow.
+            params: the trained parameters as whole tensors (ZeRO 0-2), so that add-mode
+                perturbation takes two backward passes, not three (``perturbed_loss``).
         """
         mask = batch["attention_mask"]
         last_hidden = {}
@@ -172,7 +175,8 @@ class LRCObjective:
 
         if perturb.enabled:
             loss, logs = perturbed_loss(loss_of, student, probe if probe is not None else student, perturb.epsilon,
-                                        loss_scale, perturb.mode, attention_mask=mask, relative=perturb.relative)
+                                        loss_scale, perturb.mode, attention_mask=mask, relative=perturb.relative,
+                                        params=params)
         else:
             loss, logs = loss_of()[:2]
         # collapse watch: every sentence mapped to one direction shows as a cosine near 1

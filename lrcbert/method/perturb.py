@@ -11,7 +11,9 @@
 
 Step 2 uses ``torch.autograd.grad(..., inputs=e)``, which runs only the part of the
 graph between the loss and e: parameter ``.grad`` fields and ZeRO's gradient hooks
-are left untouched, so the optimizer sees the perturbed pass only.
+are left untouched, so the optimizer sees the perturbed pass only. In add mode, given the
+parameters, step 2 takes the clean pass's parameter gradients in the same call (still
+without touching ``.grad``), and the returned loss hands them to the engine's backward.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def perturbation_delta(loss: torch.Tensor, embeddings: torch.Tensor, epsilon: fl
         overflowed (the caller then trains on the clean pass and logs the skip).
     """
     (grad,) = torch.autograd.grad(loss * grad_scale, embeddings, retain_graph=retain_graph)
+    return shift_along(grad, embeddings, epsilon, attention_mask, relative)
+
+
+def shift_along(grad: torch.Tensor, embeddings: torch.Tensor, epsilon: float,
+                attention_mask: torch.Tensor | None = None, relative: bool = False) -> torch.Tensor | None:
+    """The shift of :func:`perturbation_delta` from a gradient already taken (any positive
+    scale of dL/de: only its direction is used)."""
     grad = grad.to(torch.float32)  # direction maths in fp32: fp16 norms overflow
     if not torch.isfinite(grad).all():
         return None
@@ -131,6 +140,28 @@ class EmbeddingTap:
             self._handle = None
 
 
+class _Carry(torch.autograd.Function):
+    """Worth 0; its backward hands each parameter a gradient computed earlier (scaled by the
+    incoming gradient, i.e. by the loss scale and accumulation factor the engine applies)."""
+
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return params[0].new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        scale = float(upstream)  # 1 in fp32 without accumulation: the gradients pass as they are
+        return (None, *((g if scale == 1.0 else g * scale).to(g_dtype) for g, g_dtype in ctx.grads))
+
+
+def carry_gradients(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """A scalar 0 whose gradient w.r.t. ``params[i]`` is ``grads[i]`` (fp32): added to a loss,
+    the next backward (the engine's, with its loss scaling, ZeRO hooks and overflow check)
+    accumulates gradients taken in an earlier, separate backward."""
+    return _Carry.apply([(g, p.dtype) for p, g in zip(params, grads)], *params)
+
+
 def _rng_state() -> tuple:
     """The generators dropout draws from: the CPU one and, on a GPU, the current device's."""
     return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
@@ -144,7 +175,7 @@ def _set_rng_state(state: tuple) -> None:
 
 def perturbed_loss(loss_of, engine_forward, bare_forward, epsilon: float, loss_scale: float = 1.0,
                    mode: str = "replace", *, attention_mask: torch.Tensor | None = None, relative: bool = False,
-                   same_dropout: bool = True):
+                   same_dropout: bool = True, params: list[torch.Tensor] | None = None):
     """Steps 1-4 for one micro-batch; returns (loss to backpropagate, named parts for logging).
 
     Args:
@@ -159,16 +190,29 @@ def perturbed_loss(loss_of, engine_forward, bare_forward, epsilon: float, loss_s
             and ``PERTURB_MODES``.
         same_dropout: rewind the RNG before the second pass, so it draws the clean pass's
             dropout masks and the two passes differ by the shift alone.
+        params: in add mode, the trained parameters as whole tensors (not ZeRO-3's
+            partitions). One backward of the clean loss then gives dL/de and the clean
+            pass's parameter gradients together, and the returned loss carries the latter
+            (:func:`carry_gradients`): two backward passes a step, as in replace mode. Without
+            it the clean graph is kept and backpropagated again with the perturbed loss
+            (a third backward; the same gradients up to float rounding).
 
     Logs hold the trained pass's parts, the clean pass's under ``clean/``, and
     ``perturb_skipped`` (1 when a non-finite direction fell back to an unperturbed pass), so
     every rank logs the same names.
     """
     keep_clean = mode == "add"
+    carry = keep_clean and params is not None
     masks = _rng_state() if same_dropout else None
     clean, clean_logs, embeddings = loss_of(bare_forward, None)
-    delta = perturbation_delta(clean, embeddings, epsilon, loss_scale, retain_graph=keep_clean,
-                               attention_mask=attention_mask, relative=relative)
+    if carry:  # one backward: dL/de and the clean parameter gradients (fp32, unscaled)
+        trained = [p for p in params if p.requires_grad]
+        grads = torch.autograd.grad(clean * loss_scale, [embeddings, *trained], allow_unused=True)
+        delta = shift_along(grads[0], embeddings, epsilon, attention_mask, relative)
+        pairs = [(p, g.to(torch.float32) / loss_scale) for p, g in zip(trained, grads[1:]) if g is not None]
+    else:
+        delta = perturbation_delta(clean, embeddings, epsilon, loss_scale, retain_graph=keep_clean,
+                                   attention_mask=attention_mask, relative=relative)
     clean_named = {f"clean/{k}": v for k, v in clean_logs.items()}
     if masks is not None:
         _set_rng_state(masks)
@@ -179,4 +223,6 @@ def perturbed_loss(loss_of, engine_forward, bare_forward, epsilon: float, loss_s
         return loss, {**logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}
     perturbed, logs, _ = loss_of(engine_forward, delta)
     logs = {**logs, **clean_named, "perturb_skipped": torch.tensor(0.0)}
+    if carry and pairs:
+        return perturbed + clean.detach() + carry_gradients([p for p, _ in pairs], [g for _, g in pairs]), logs
     return (clean + perturbed if keep_clean else perturbed), logs

@@ -153,6 +153,15 @@ class Engine:
         return 1.0
 
     @property
+    def whole_parameters(self) -> list[torch.Tensor] | None:
+        """The trained parameters when every rank holds them whole (ZeRO 0-2): a loss may then
+        carry gradients taken outside the engine (add-mode perturbation). None under ZeRO-3,
+        whose parameters are partitioned between forwards."""
+        if self.zero_stage >= 3:
+            return None
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    @property
     def zero_stage(self) -> int:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 

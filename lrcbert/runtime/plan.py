@@ -16,7 +16,8 @@ The memory figures are an estimate per rank, for each ZeRO stage (the configured
   ``s*b*h*(34 + 5*a*s/h)`` bytes in 16-bit, twice that in fp32: the usual transformer count
   without recomputation), the teacher's hidden states, the projected and pooled mapped layers,
   and the negatives' direction sums (global batch x dim per mapped layer); ``--perturb_mode add``
-  keeps two passes.
+  counts two passes: what ZeRO-3 keeps, an upper bound under ZeRO 0-2, where the clean pass's
+  graph is freed and its fp32 parameter gradients (4 bytes a parameter) are kept instead.
 
 Parameters and optimizer states are counted exactly from the architecture (built on the meta
 device) and match the tensors a real ZeRO run holds (tests/test_dry_run.py against
