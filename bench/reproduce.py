@@ -490,7 +490,8 @@ def curve_files(task: str) -> tuple[str, str]:
 def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
     """Check every recorded run of ``task`` against the command its row runs now.
 
-    A run made with other flags (a default changed, a row was redefined or retired) moves to
+    Called for every task of the table before anything runs (``reconcile_table``). A run made
+    with other flags (a default changed, a row was redefined or retired) moves to
     the row whose command it matches when that row has no run at its rate and seed, and is
     set aside under OUT/superseded/ otherwise: the table never counts a run its row would not
     make today. Runs of general-student rows are checked only when the general student is
@@ -542,15 +543,41 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
             del by_lr[lr]
 
 
+def chosen_rate(runs: dict) -> float | None:
+    """The rate with the best selection-seed score among those run (None before any)."""
+    done = [(v[str(SELECTION_SEED)], float(lr)) for lr, v in runs.items() if str(SELECTION_SEED) in v]
+    return max(done)[1] if done else None
+
+
+def summarize_task(t: dict) -> None:
+    """Each row's summary at its chosen rate, and the paired tests against LRC-BERT."""
+    teacher = None
+    t["summary"] = {}
+    for name in t["runs"]:
+        t["summary"][name] = summarize_row(t["runs"][name], chosen_rate(t["runs"][name]), teacher, t["chance"])
+        if name == "teacher" and t["summary"][name]:
+            teacher = t["summary"][name]["mean"]
+    base = t["summary"].get("lrc_bert") or {}
+    t["paired"] = {n: paired_test(base.get("scores", {}), (t["summary"][n] or {}).get("scores", {}))
+                   for n in t["runs"] if n not in ("lrc_bert", "teacher") and base}
+
+
+def reconcile_table(args, state: dict) -> None:
+    """``reconcile`` every task the table holds, asked for or not, then drop retired rows and
+    summarize again: the table never shows a run its row would not make today."""
+    for task, t in state["tasks"].items():
+        reconcile(args, task, Path(args.glue_dir) / get_task(task).glue_name, state)
+        t["runs"] = {r: t["runs"][r] for r in ROWS if r in t["runs"]}
+        summarize_task(t)
+
+
 def run_task(args, task: str, state: dict, command: str) -> None:
     spec, data_dir = args.task_specs[task]
     metric = spec.primary_metric
     rows = rows_of_task(args.rows, task, args.ablation_tasks)
     t = state["tasks"].setdefault(task, {"metric": metric, "chance": chance_level(spec, data_dir, args.eval_samples),
                                          "runs": {}, "summary": {}, "paired": {}})
-    reconcile(args, task, data_dir, state)
     t["runs"] = {r: t["runs"].get(r, {}) for r in ROWS if r in rows or r in t["runs"]}  # earlier rows stay
-    t["summary"] = {r: v for r, v in t["summary"].items() if r in t["runs"]}
     teacher_dir = None
 
     def record(name, lr, seed, results):
@@ -564,20 +591,10 @@ def run_task(args, task: str, state: dict, command: str) -> None:
         return ROWS[name].runner, move
 
     def chosen(name):
-        """The rate with the best selection-seed score among those run (None before any)."""
-        done = [(v[str(SELECTION_SEED)], float(lr)) for lr, v in t["runs"][name].items() if str(SELECTION_SEED) in v]
-        return max(done)[1] if done else None
+        return chosen_rate(t["runs"][name])
 
     def refresh():
-        teacher = None
-        for name in t["runs"]:
-            lr = chosen(name)
-            t["summary"][name] = summarize_row(t["runs"][name], lr, teacher, t["chance"])
-            if name == "teacher" and t["summary"][name]:
-                teacher = t["summary"][name]["mean"]
-        base = t["summary"].get("lrc_bert") or {}
-        t["paired"] = {n: paired_test(base.get("scores", {}), (t["summary"][n] or {}).get("scores", {}))
-                       for n in t["runs"] if n not in ("lrc_bert", "teacher") and base}
+        summarize_task(t)
         write_outputs(args, state, command)
 
     for name in rows:  # phase 1: every row's grid with the selection seed
@@ -650,6 +667,9 @@ def main(argv=None) -> int:
         state["general_student"] = args.general_student
     elif not args.general_student:  # only to check the recorded general-student runs
         args.general_student = state.get("general_student")
+    reconcile_table(args, state)
+    if state["tasks"]:
+        write_outputs(args, state, command)  # the moves are on disk: record them before running anything
     for task in args.task_specs:
         run_task(args, task, state, command)
     print(write_outputs(args, state, command))

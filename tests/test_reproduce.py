@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from tests.helpers import REPO, make_tiny_encoder, run_group
-from bench.reproduce import (ROWS, chance_level, command_flags, curve_files, paired_test, reconcile, row_command,
-                             rows_of_task, run_once, summarize_row)
+from bench.reproduce import (ROWS, chance_level, command_flags, curve_files, paired_test, reconcile_table,
+                             row_command, rows_of_task, run_once, summarize_row, write_outputs)
 from bench.reproduce import parse_args as parse_reproduce_args
 
 
@@ -195,15 +195,22 @@ def test_a_default_change_moves_each_run_to_the_row_it_now_matches(tmp_path):
     fake_run(args, "sst2", "lrc_bert", 2, add, 0.80, folder="perturb_add")
     fake_run(args, "sst2", "no_cos_nce", 2, replace, 0.70)
     fake_run(args, "sst2", "no_perturb", 2, (), 0.78)
-    state = {"tasks": {"sst2": {"runs": {
+    fake_run(args, "rte", "lrc_bert", 2, replace, 0.55)
+    state = {"tasks": {"sst2": {"metric": "accuracy", "chance": 0.5, "summary": {}, "runs": {
         "lrc_bert": {"0.0003": {"2": 0.79}}, "no_cos_nce": {"0.0003": {"2": 0.70}},
-        "no_perturb": {"0.0003": {"2": 0.78}}, "perturb_add": {"0.0003": {"2": 0.80}}}}},
+        "no_perturb": {"0.0003": {"2": 0.78}}, "perturb_add": {"0.0003": {"2": 0.80}}}},
+        "rte": {"metric": "accuracy", "chance": 0.5, "summary": {}, "runs": {"lrc_bert": {"0.0003": {"2": 0.55}}}}},
         "superseded": {"sst2/older": {"note": "kept as it was"}}}
-    reconcile(args, "sst2", tmp_path, state)
+    reconcile_table(args, state)  # every task of the table, asked for or not
 
     runs = state["tasks"]["sst2"]["runs"]
     assert runs["lrc_bert"] == {"0.0003": {"2": 0.80}} and runs["perturb_replace"] == {"0.0003": {"2": 0.79}}
-    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and runs["no_cos_nce"] == {} and runs["perturb_add"] == {}
+    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and runs["no_cos_nce"] == {} and "perturb_add" not in runs
+    assert list(runs) == [r for r in ROWS if r in runs]  # the table's row order
+    assert state["tasks"]["rte"]["runs"] == {"lrc_bert": {}, "perturb_replace": {"0.0003": {"2": 0.55}}}
+    assert set(state["tasks"]["sst2"]["summary"]) == set(runs)  # summarized again, the new rows included
+    table = write_outputs(args, state, "python bench/reproduce.py")
+    assert ROWS["perturb_replace"].description in table and "perturb_add" not in table
     root = args.out_path / "sst2"
     assert json.loads((root / "lrc_bert/lr0.0003/seed2/args.json").read_text())["perturb_mode"] == "add"
     assert json.loads((root / "perturb_replace/lr0.0003/seed2/args.json").read_text())["perturb_mode"] == "replace"
@@ -215,8 +222,8 @@ def test_a_default_change_moves_each_run_to_the_row_it_now_matches(tmp_path):
     assert not list(args.out_path.rglob("*.reconciling"))
 
     again = json.loads(json.dumps(state))
-    reconcile(args, "sst2", tmp_path, again)  # everything matches now: nothing moves
-    assert again == state
+    reconcile_table(args, again)  # everything matches now: nothing moves
+    assert again["tasks"] == state["tasks"] and again["superseded"] == state["superseded"]
 
 
 def test_flags_a_run_ignores_do_not_make_it_stale(tmp_path):
