@@ -34,8 +34,8 @@ from lrcbert.flags import GlueStudentFlags, SharedFlags  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
-from lrcbert.method.perturb import PERTURB_MODES  # noqa: E402
 from lrcbert.method.objective import INTERMEDIATE_LOSSES, LRCObjective, ObjectiveConfig  # noqa: E402
+from lrcbert.method.perturb import PERTURB_MODES  # noqa: E402
 from lrcbert.method.schedule import (TwoStageSchedule, parse_weights, two_stage_lr,  # noqa: E402
                                      warmup_linear_decay, warmup_steps_from)
 from lrcbert.models import (DistillStudent, build_student, check_positions, check_teacher_labels,  # noqa: E402

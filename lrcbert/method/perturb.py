@@ -223,6 +223,7 @@ def perturbed_loss(loss_of, engine_forward, bare_forward, epsilon: float, loss_s
         return loss, {**logs, **clean_named, "perturb_skipped": torch.tensor(1.0)}
     perturbed, logs, _ = loss_of(engine_forward, delta)
     logs = {**logs, **clean_named, "perturb_skipped": torch.tensor(0.0)}
-    if carry and pairs:
-        return perturbed + clean.detach() + carry_gradients([p for p, _ in pairs], [g for _, g in pairs]), logs
+    if carry:  # the clean graph is freed: its gradients ride on the perturbed loss
+        carried = carry_gradients([p for p, _ in pairs], [g for _, g in pairs]) if pairs else 0.0
+        return perturbed + clean.detach() + carried, logs
     return (clean + perturbed if keep_clean else perturbed), logs
