@@ -112,14 +112,19 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_an_overflowed_step_is_skipped_and_never_reaches_the_weights(precision):
+def run_one_rank_engine(script: str, precision: str) -> dict:
+    """Run ``script`` as a one-rank gloo DeepSpeed job in a subprocess; its last stdout line (JSON)."""
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", OVERFLOW_SCRIPT, precision], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script, precision], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_an_overflowed_step_is_skipped_and_never_reaches_the_weights(precision):
+    result = run_one_rank_engine(OVERFLOW_SCRIPT, precision)
     assert result["skipped"] == 2 and result["skipped_final"] == 2, result
     assert result["unchanged"] and result["finite"] and result["moved_after"], result
     if precision == "fp16":  # the dynamic loss scale: kept on the first overflow (hysteresis 2), halved on the second
@@ -197,12 +202,7 @@ def test_add_mode_carried_gradients_train_as_both_graphs_under_zero2(precision):
     (two backward passes) moves the weights as backpropagating both graphs does (three), through
     the loss scaling and accumulation of each precision; replace mode, for scale, moves them
     differently by about a tenth of the update."""
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", CARRY_SCRIPT, precision], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_one_rank_engine(CARRY_SCRIPT, precision)
     for accumulation in (1, 2):
         carried, replace = result[f"carry_gas{accumulation}"], result[f"replace_gas{accumulation}"]
         assert carried["rel_diff"] < 1e-3 and carried["skipped"] == [0, 0], result
