@@ -124,6 +124,29 @@ class Report:
         return self.data
 
 
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """A short hash of a saved model's weights (every tensor of its ``*.safetensors`` files: name,
+    dtype, shape and bytes, in name order), blind to file metadata: two folders with the same
+    fingerprint hold the same model. A table's runs are comparable only when distilled from the
+    same teacher and general student, and run folders do not travel with a checkout."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    digest = hashlib.sha256()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                tensor = f.get_tensor(name).contiguous()
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def read_scalars(log_dir: str | Path) -> dict[str, dict[int, float]]:
     """Every scalar of a TensorBoard run directory by tag and step, read with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, weights_fingerprint  # noqa: E402
 from lrcbert.data.glue import available_splits, get_task, load_examples  # noqa: E402
 from lrcbert.files import write_atomic  # noqa: E402
 
@@ -159,6 +159,9 @@ def main(argv=None) -> int:
                "glue_train_examples": counts, "corpus": {k: manifest.get(k) for k in
                                                          ("num_sequences", "num_tokens", "max_seq_length")},
                "setting": {k: getattr(args, k) for k in SETTING}, "student": str(run_dir / "model"),
+               # the same setting rebuilds the same student on the same machine and software: the
+               # quality table compares this against the student its runs were distilled from
+               "student_fingerprint": weights_fingerprint(run_dir / "model"),
                "wall_s": round(time.time() - start, 1)}
     write_atomic(out / "general_setting.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -25,6 +25,14 @@ with its row's command (the flags that decide training, ``finetune.glue.effectiv
 When a default changes or a row is redefined, a run that no longer matches its row is moved to
 the row it does match (if that slot is free), or else set aside under ``OUT/superseded/`` and
 listed in ``results.json`` under ``superseded`` (by that folder) with its score; nothing is deleted.
+
+Run folders are not committed; ``results.json`` is, with each run's flags (``records``) and
+the fingerprints of the models every run depends on (each task's teacher, the general
+student). In a fresh checkout a recorded run counts without its folder when its record
+matches its row (runs recorded before records were kept count as the last reconcile left
+them); the teacher is rebuilt only when a student has to run and must come back with the same
+weights (the same dev score for a table older than the fingerprints), and a general student
+other than the recorded one is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port, read_scalars  # noqa: E402
+from bench.common import free_port, read_scalars, weights_fingerprint  # noqa: E402
 from lrcbert.data.glue import get_task, load_examples  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.files import write_atomic  # noqa: E402
@@ -236,6 +244,11 @@ def command_flags(runner: str, cmd: list[str]) -> dict:
     return _flags_of(runner, asdict(parsed))
 
 
+def run_key(task: str, name: str, lr, seed) -> str:
+    """A run's place in the table: its folder under OUT and its key in ``results.json``."""
+    return f"{task}/{name}/lr{float(lr):g}/seed{seed}"
+
+
 def recorded_flags(out: Path) -> tuple[str, dict] | None:
     """(runner, flags) of a finished run from its args.json (None without one)."""
     path = out / "args.json"
@@ -252,8 +265,10 @@ def differences(a: dict, b: dict) -> dict:
 
 
 def set_aside(args, state: dict, task: str, name: str, lr: str, seed: str, out: Path, score, differs: dict) -> Path:
-    """Move a run that no longer matches its row to OUT/superseded/... (never deleted)."""
-    where = f"{task}/{name}/lr{float(lr):g}/seed{seed}"
+    """Move a run that no longer matches its row to OUT/superseded/... (never deleted; a run
+    known only from ``results.json`` moves there in the record alone)."""
+    where = run_key(task, name, lr, seed)
+    state.get("records", {}).pop(where, None)
     base = args.out_path / "superseded" / where
     target, n = base, 1
     while target.exists():
@@ -269,9 +284,11 @@ def set_aside(args, state: dict, task: str, name: str, lr: str, seed: str, out: 
 
 
 def move_run(src: Path, dst: Path) -> None:
-    """Move a run folder and its log (``seedS.log`` beside it)."""
+    """Move a run folder and its log (``seedS.log`` beside it); nothing to move when the run's
+    folder is not here (a fresh checkout: only ``results.json`` is committed)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    src.rename(dst)
+    if src.exists():
+        src.rename(dst)
     log = src.parent / f"{src.name}.log"
     if log.exists():
         log.rename(dst.parent / f"{dst.name}.log")
@@ -497,20 +514,26 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
     make today. Runs of general-student rows are checked only when the general student is
     known. A stale teacher stops the table: every row of the task distills from it."""
     t = state["tasks"][task]
+    records = state.setdefault("records", {})
 
     def wanted(name, lr, seed):
         row = ROWS.get(name)
         if row is None or (row.init == "general" and not args.general_student):
             return None
-        out = args.out_path / task / name / f"lr{float(lr):g}" / f"seed{seed}"
+        out = args.out_path / run_key(task, name, lr, seed)
         return command_flags(row.runner, row_command(args, task, data_dir, name, float(lr), int(seed), out, "teacher"))
 
     stale = []
     for name, by_lr in t["runs"].items():
         for lr, seeds in by_lr.items():
             for seed, score in seeds.items():
-                out = args.out_path / task / name / f"lr{float(lr):g}" / f"seed{seed}"
+                key = run_key(task, name, lr, seed)
+                out = args.out_path / key
                 recorded = recorded_flags(out)
+                if recorded is not None:  # the folder is the truth; results.json keeps a copy
+                    records[key] = {"runner": recorded[0], "flags": recorded[1]}
+                elif key in records:
+                    recorded = records[key]["runner"], records[key]["flags"]
                 own = wanted(name, lr, seed)
                 if recorded is None or (own is None and name in ROWS) or recorded[1] == own:
                     continue
@@ -524,15 +547,18 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
         del t["runs"][name][lr][seed]
         lifted = out.with_name(out.name + ".reconciling")
         move_run(out, lifted)
-        staged.append((name, lr, seed, score, lifted, recorded, own))
-    for name, lr, seed, score, lifted, recorded, own in staged:
+        staged.append((name, lr, seed, score, lifted, recorded, own,
+                       records.pop(run_key(task, name, lr, seed), None)))
+    for name, lr, seed, score, lifted, recorded, own, record in staged:
         target = next((r for r in ROWS if r != name and wanted(r, lr, seed) == recorded), None)
         if target is not None:
-            dest = args.out_path / task / target / f"lr{float(lr):g}" / f"seed{seed}"
+            dest = args.out_path / run_key(task, target, lr, seed)
             slot = t["runs"].setdefault(target, {}).setdefault(lr, {})
             if seed not in slot and not dest.exists():
                 move_run(lifted, dest)
                 slot[seed] = score
+                if record is not None:
+                    records[run_key(task, target, lr, seed)] = record
                 print(f"  {task}/{name}/lr{float(lr):g}/seed{seed} matches row {target} as rows run now: moved there",
                       flush=True)
                 continue
@@ -578,10 +604,8 @@ def run_task(args, task: str, state: dict, command: str) -> None:
     t = state["tasks"].setdefault(task, {"metric": metric, "chance": chance_level(spec, data_dir, args.eval_samples),
                                          "runs": {}, "summary": {}, "paired": {}})
     t["runs"] = {r: t["runs"].get(r, {}) for r in ROWS if r in rows or r in t["runs"]}  # earlier rows stay
-    teacher_dir = None
-
-    def record(name, lr, seed, results):
-        t["runs"][name].setdefault(str(lr), {})[str(seed)] = score_of(results, metric)
+    records = state.setdefault("records", {})
+    fingerprints = state.setdefault("fingerprints", {})
 
     def aside(name, lr, seed):
         """run_once's runner and how it sets aside a finished run made with other flags."""
@@ -597,29 +621,67 @@ def run_task(args, task: str, state: dict, command: str) -> None:
         summarize_task(t)
         write_outputs(args, state, command)
 
+    def teacher_dir() -> str:
+        lr = chosen("teacher")
+        if lr is None:
+            raise SystemExit(f"error: the {task} table has no teacher yet: add the teacher row to --rows")
+        path = args.out_path / run_key(task, "teacher", lr, SELECTION_SEED)
+        if not (path / "eval_results.json").exists():  # recorded, but its folder is not here: rebuild it
+            one("teacher", lr, SELECTION_SEED)
+        return str(path / "model")
+
+    def check_teacher(out: Path, recorded_score) -> None:
+        """Every row of a task distills from its one teacher: a rebuilt or reused teacher must be
+        the one the recorded runs used (same weights; for a table from before fingerprints were
+        kept, the same dev score), or the table stops before a student runs."""
+        fp, known = weights_fingerprint(out / "model"), fingerprints.get(f"{task}/teacher")
+        new_score = score_of(json.loads((out / "eval_results.json").read_text()), metric)
+        same = fp == known if known else recorded_score is None or new_score == recorded_score
+        if not same:
+            kept = out.with_name(out.name + ".rebuilt")
+            shutil.rmtree(kept, ignore_errors=True)
+            out.rename(kept)
+            raise SystemExit(f"error: the rebuilt {task} teacher differs from the one the table's runs distilled "
+                             f"from (dev {metric} {new_score} against {recorded_score}; weights {fp} against "
+                             f"{known or 'not recorded'}); it is kept in {kept}; move {args.out_path / task} aside "
+                             "(or pass another --out) to rebuild the task's table")
+        fingerprints[f"{task}/teacher"] = fp
+
+    def one(name, lr, seed) -> None:
+        """One run of the table: reused when its folder holds it, or when only ``results.json``
+        does (a fresh checkout) and it was made as its row runs now; run otherwise."""
+        key = run_key(task, name, lr, seed)
+        out = args.out_path / key
+        print(f"[{task}] {name}, lr {lr:g}, seed {seed}", flush=True)
+        kept = t["runs"].get(name, {}).get(str(lr), {}).get(str(seed))
+        folder = (out / "eval_results.json").exists()
+        if name != "teacher" and kept is not None and not folder:
+            record = records.get(key)  # after reconcile a record always matches its row; legacy runs have none
+            print(f"  {key}: {metric} {kept} recorded in results.json (its folder is not here"
+                  f"{'' if record else '; recorded before flags were kept'})", flush=True)
+            return
+        cmd = row_command(args, task, data_dir, name, lr, seed, out, None if name == "teacher" else teacher_dir())
+        results = run_once(args, out, cmd, *aside(name, lr, seed))
+        if name == "teacher":
+            check_teacher(out, kept if not folder else None)
+        t["runs"][name].setdefault(str(lr), {})[str(seed)] = score_of(results, metric)
+        runner, flags = recorded_flags(out)
+        records[key] = {"runner": runner, "flags": flags}
+        refresh()
+
     for name in rows:  # phase 1: every row's grid with the selection seed
-        if name != "teacher" and teacher_dir is None:
-            lr = chosen("teacher")
-            teacher_dir = str(args.out_path / task / "teacher" / f"lr{lr:g}" / f"seed{SELECTION_SEED}" / "model")
-            print(f"[{task}] teacher: lr {lr:g}, dev {metric} {t['runs']['teacher'][str(lr)]}", flush=True)
         for lr in args.teacher_lrs if name == "teacher" else args.lrs:
-            out = args.out_path / task / name / f"lr{lr:g}" / f"seed{SELECTION_SEED}"
-            print(f"[{task}] {name}, lr {lr:g}, seed {SELECTION_SEED}", flush=True)
-            record(name, lr, SELECTION_SEED, run_once(args, out, row_command(
-                args, task, data_dir, name, lr, SELECTION_SEED, out, teacher_dir), *aside(name, lr, SELECTION_SEED)))
-            refresh()
+            one(name, lr, SELECTION_SEED)
+        if name == "teacher":
+            lr = chosen("teacher")
+            print(f"[{task}] teacher: lr {lr:g}, dev {metric} {t['runs']['teacher'][str(lr)][str(SELECTION_SEED)]}", flush=True)
     for seed in args.seeds:  # phase 2: more seeds at each row's chosen rate (seed-major)
         for name in rows:
-            if name == "teacher":
-                continue  # one teacher per task: every row distills from the same one
-            lr = chosen(name)
-            out = args.out_path / task / name / f"lr{lr:g}" / f"seed{seed}"
-            print(f"[{task}] {name}, lr {lr:g}, seed {seed}", flush=True)
-            record(name, lr, seed, run_once(args, out, row_command(args, task, data_dir, name, lr, seed, out,
-                                                                   teacher_dir), *aside(name, lr, seed)))
-            refresh()
+            if name != "teacher":  # one teacher per task: every row distills from the same one
+                one(name, chosen(name), seed)
     refresh()
     if task in args.curve_tasks:
+        png, key = curve_files(task)
         curves: dict[str, list] = {}
         for name in t["runs"]:
             if not (ROWS[name].curve and t["summary"].get(name)):
@@ -627,13 +689,14 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             lr = t["summary"][name]["lr"]
             found = []  # every recorded seed at the chosen rate: the curve with the most evaluations is drawn
             for seed in sorted(t["runs"][name].get(str(lr), {}), key=int):
-                run_dir = args.out_path / task / name / f"lr{lr:g}" / f"seed{seed}"
+                run_dir = args.out_path / run_key(task, name, lr, seed)
                 if (run_dir / "eval_results.json").exists():
                     found.append(read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text())))
             if found:
                 curves[name] = max(found, key=len)  # the first such seed on a tie
+            elif name in state.get(key, {}):  # no folder here (a fresh checkout): the recorded curve
+                curves[name] = state[key][name]
         if curves:
-            png, key = curve_files(task)
             plot_curves(curves, metric, (t["summary"].get("teacher") or {}).get("mean"), args.out_path / png,
                         spec.glue_name)
             state[key] = {k: [list(p) for p in v] for k, v in curves.items()}
@@ -667,6 +730,13 @@ def main(argv=None) -> int:
         state["general_student"] = args.general_student
     elif not args.general_student:  # only to check the recorded general-student runs
         args.general_student = state.get("general_student")
+    if args.general_student and Path(args.general_student, "config.json").exists():
+        fp, known = weights_fingerprint(args.general_student), state.setdefault("fingerprints", {}).get("general_student")
+        if known and fp != known:  # the runs from the general student would not be comparable
+            print(f"error: {args.general_student} is not the general student this table's runs were distilled from "
+                  f"(weights {fp}, the table's {known}); pass that student or another --out", file=sys.stderr)
+            return 2
+        state["fingerprints"]["general_student"] = fp
     reconcile_table(args, state)
     if state["tasks"]:
         write_outputs(args, state, command)  # the moves are on disk: record them before running anything

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -41,12 +42,43 @@ def quick_table(tmp_path, rows):
     general = state["general_student"]
     assert args_of["lrc_bert"]["student"] == general and args_of["lrc_bert1"]["student"] is None
     assert args_of["textbrewer"]["student"] == general
+    setting = json.loads((out / "general" / "general_setting.json").read_text())
+    assert setting["student_fingerprint"] == state["fingerprints"]["general_student"]  # the student the runs used
 
     # a second call reuses every finished run and rewrites the same table
     again = run_group(cmd, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert again.stdout.count("reusing") == len(rows)
     assert json.loads((out / "results.json").read_text())["tasks"]["sst2"]["summary"] == sst2["summary"]
+
+    # a fresh checkout: results.json is committed, the run folders are not. The recorded runs
+    # count without a folder; the teacher, which the students need, is rebuilt only when a
+    # student has to run, and must come back as the same model
+    for folder in (out / "sst2").iterdir():
+        shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+    fresh = run_group(cmd, timeout=300)
+    assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-4000:]
+    assert fresh.stdout.count("recorded in results.json") == len(rows) - 1 and fresh.stdout.count("done in") == 1
+    assert not (out / "sst2" / "lrc_bert").exists()  # only the teacher row ran (asked for, and it is an input)
+    state = json.loads((out / "results.json").read_text())
+    assert state["tasks"]["sst2"]["summary"] == sst2["summary"] and set(state["curves"]) == {n for n in rows if ROWS[n].curve}
+    assert (out / "sst2" / "teacher" / "lr0.001" / "seed1" / "eval_results.json").exists()  # the teacher row ran
+    del state["tasks"]["sst2"]["runs"]["lrc_bert1"]["0.001"]["1"]  # one student must run again: from the rebuilt teacher
+    shutil.rmtree(out / "sst2" / "teacher")
+    (out / "results.json").write_text(json.dumps(state))
+    one = run_group(cmd[:-1] + ["lrc_bert1"], timeout=600)
+    assert one.returncode == 0, (one.stdout + one.stderr)[-4000:]
+    assert one.stdout.count("done in") == 2 and (out / "sst2" / "lrc_bert1" / "lr0.001" / "seed1").exists()
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert rebuilt["fingerprints"]["sst2/teacher"] == state["fingerprints"]["sst2/teacher"]
+    assert rebuilt["tasks"]["sst2"]["runs"]["teacher"] == sst2["runs"]["teacher"]
+
+    # another general student than the one the runs came from is refused before anything runs
+    rebuilt["fingerprints"]["general_student"] = "0" * 16
+    (out / "results.json").write_text(json.dumps(rebuilt))
+    other = run_group(cmd, timeout=120)
+    assert other.returncode == 2 and "is not the general student" in other.stderr
+    assert json.loads((out / "results.json").read_text()) == rebuilt
     return args_of
 
 
@@ -268,3 +300,35 @@ def test_a_table_refuses_another_budget_before_touching_its_runs(tmp_path):
                            "--rows", "plain_ft", "--seeds", "5"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--student_steps 1200" in proc.stderr and "teacher_steps" not in proc.stderr
     assert json.loads((out / "results.json").read_text()) == recorded and (run / "eval_results.json").exists()
+
+
+def test_runs_known_only_from_results_json_are_reconciled_by_their_record(tmp_path):
+    """Without their folders (a fresh checkout) runs are checked against the flags results.json
+    recorded for them: a stale one moves to the row it matches or is set aside, in the record alone."""
+    from bench.reproduce import recorded_flags
+
+    args = bench_reproduce_args(tmp_path)
+    args.out_path = tmp_path / "r"
+    made = {"lrc_bert": fake_run(args, "sst2", "lrc_bert", 2, ("--perturb_mode", "replace"), 0.79),
+            "no_cos_nce": fake_run(args, "sst2", "no_cos_nce", 2, ("--perturb_mode", "replace"), 0.70),
+            "no_perturb": fake_run(args, "sst2", "no_perturb", 2, (), 0.78)}
+    state = {"tasks": {"sst2": {"metric": "accuracy", "chance": 0.5, "summary": {}, "runs": {
+        "lrc_bert": {"0.0003": {"2": 0.79}}, "no_cos_nce": {"0.0003": {"2": 0.70}},
+        "no_perturb": {"0.0003": {"2": 0.78}}, "plain_ft": {"0.0003": {"2": 0.72}}}}}}
+    state["records"] = {f"sst2/{name}/lr0.0003/seed2": dict(zip(("runner", "flags"), recorded_flags(out)))
+                        for name, out in made.items()}
+    shutil.rmtree(args.out_path)  # the folders go, results.json stays
+    reconcile_table(args, state)
+
+    runs = state["tasks"]["sst2"]["runs"]
+    assert runs["perturb_replace"] == {"0.0003": {"2": 0.79}} and runs["lrc_bert"] == {}
+    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and runs["no_cos_nce"] == {}
+    assert runs["plain_ft"] == {"0.0003": {"2": 0.72}}  # no folder and no record (older than records): kept
+    assert state["superseded"]["sst2/no_cos_nce/lr0.0003/seed2"]["score"] == 0.70
+    assert set(state["records"]) == {"sst2/perturb_replace/lr0.0003/seed2", "sst2/no_perturb/lr0.0003/seed2"}
+    assert state["records"]["sst2/perturb_replace/lr0.0003/seed2"]["flags"]["perturb_mode"] == "replace"
+    assert not any(p.is_file() for p in args.out_path.rglob("*"))
+
+    again = json.loads(json.dumps(state))
+    reconcile_table(args, again)  # stable
+    assert again["tasks"] == state["tasks"] and again["records"] == state["records"]
