@@ -692,10 +692,10 @@ def run_task(args, task: str, state: dict, command: str) -> None:
                 run_dir = args.out_path / run_key(task, name, lr, seed)
                 if (run_dir / "eval_results.json").exists():
                     found.append(read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text())))
+            if name in state.get(key, {}):  # drawn before, perhaps from a folder not here (a fresh checkout)
+                found.append(state[key][name])
             if found:
-                curves[name] = max(found, key=len)  # the first such seed on a tie
-            elif name in state.get(key, {}):  # no folder here (a fresh checkout): the recorded curve
-                curves[name] = state[key][name]
+                curves[name] = max(found, key=len)  # the first such curve on a tie
         if curves:
             plot_curves(curves, metric, (t["summary"].get("teacher") or {}).get("mean"), args.out_path / png,
                         spec.glue_name)
