@@ -286,8 +286,8 @@ def set_aside(args, state: dict, task: str, name: str, lr: str, seed: str, out: 
     state.get("records", {}).pop(where, None)
     base = args.out_path / "superseded" / where
     target, n = base, 1
-    while target.exists():
-        n += 1
+    while target.exists() or str(target.relative_to(args.out_path / "superseded")) in state.get("superseded", {}):
+        n += 1  # a folder, or a record whose folder is not here
         target = base.with_name(f"{base.name}.{n}")
     move_run(out, target)
     state.setdefault("superseded", {})[str(target.relative_to(args.out_path / "superseded"))] = {
@@ -591,7 +591,8 @@ def check_teacher(args, state: dict, task: str, metric: str, out: Path, recorded
     score within TEACHER_TOLERANCE of the recorded one. Otherwise it is moved aside and the
     table stops before a student runs."""
     fingerprints = state.setdefault("fingerprints", {})
-    fp, known = weights_fingerprint(out / "model"), fingerprints.get(f"{task}/teacher")
+    where = str(out.relative_to(args.out_path))  # one teacher per rate of the teacher's grid
+    fp, known = weights_fingerprint(out / "model"), fingerprints.get(where)
     new_score = score_of(json.loads((out / "eval_results.json").read_text()), metric)
     same = recorded_score is None or fp == known or abs(new_score - recorded_score) <= TEACHER_TOLERANCE
     if not same:
@@ -608,7 +609,7 @@ def check_teacher(args, state: dict, task: str, metric: str, out: Path, recorded
         state.setdefault("rebuilt", []).append({
             "teacher": task, "dev": new_score, "recorded": recorded_score, "fingerprint": fp,
             "recorded_fingerprint": known, "machine": machine_facts()})
-    fingerprints[f"{task}/teacher"] = fp
+    fingerprints[where] = fp
 
 
 def chosen_rate(runs: dict) -> float | None:
@@ -662,14 +663,11 @@ def run_task(args, task: str, state: dict, command: str) -> None:
         summarize_task(t)
         write_outputs(args, state, command)
 
-    def teacher_dir() -> str:
+    def teacher_run() -> tuple[float, Path]:
         lr = chosen("teacher")
         if lr is None:
             raise SystemExit(f"error: the {task} table has no teacher yet: add the teacher row to --rows")
-        path = args.out_path / run_key(task, "teacher", lr, SELECTION_SEED)
-        if not (path / "eval_results.json").exists():  # recorded, but its folder is not here: rebuild it
-            one("teacher", lr, SELECTION_SEED, needed=True)
-        return str(path / "model")
+        return lr, args.out_path / run_key(task, "teacher", lr, SELECTION_SEED)
 
     def one(name, lr, seed, needed=False) -> None:
         """One run of the table: reused when its folder holds it, or when only ``results.json``
@@ -685,13 +683,22 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             print(f"  {key}: {metric} {kept} recorded in results.json (its folder is not here"
                   f"{'' if record else '; recorded before flags were kept'})", flush=True)
             return
-        cmd = row_command(args, task, data_dir, name, lr, seed, out, None if name == "teacher" else teacher_dir())
+        teacher = None if name == "teacher" else teacher_run()
+        cmd = row_command(args, task, data_dir, name, lr, seed, out, teacher and str(teacher[1] / "model"))
+        made = recorded_flags(out) if folder else None
+        runs = (args.fresh or not folder
+                or (made is not None and bool(differences(made[1], command_flags(ROWS[name].runner, cmd)))))
+        if runs and teacher and not (teacher[1] / "eval_results.json").exists():
+            one("teacher", teacher[0], SELECTION_SEED, needed=True)  # recorded, its folder not here: rebuild it
         results = run_once(args, out, cmd, *aside(name, lr, seed))
         if name == "teacher":
             check_teacher(args, state, task, metric, out, kept if not folder else None)
         t["runs"][name].setdefault(str(lr), {})[str(seed)] = score_of(results, metric)
-        runner, flags = recorded_flags(out)
-        records[key] = {"runner": runner, "flags": flags, "machine": machine_facts()}
+        made = recorded_flags(out)
+        if made is not None:  # where it was made is known only for a run made here
+            where = {"machine": machine_facts()} if runs else {k: v for k, v in records.get(key, {}).items()
+                                                                 if k == "machine"}
+            records[key] = {"runner": made[0], "flags": made[1], **where}
         refresh()
 
     for name in rows:  # phase 1: every row's grid with the selection seed
@@ -708,6 +715,7 @@ def run_task(args, task: str, state: dict, command: str) -> None:
     if task in args.curve_tasks:
         png, key = curve_files(task)
         curves: dict[str, list] = {}
+        sources = state.setdefault("curve_sources", {}).setdefault(key, {})  # the run each curve is drawn from
         for name in t["runs"]:
             if not (ROWS[name].curve and t["summary"].get(name)):
                 continue
@@ -716,11 +724,15 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             for seed in sorted(t["runs"][name].get(str(lr), {}), key=int):
                 run_dir = args.out_path / run_key(task, name, lr, seed)
                 if (run_dir / "eval_results.json").exists():
-                    found.append(read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text())))
-            if name in state.get(key, {}):  # drawn before, perhaps from a folder not here (a fresh checkout)
-                found.append(state[key][name])
+                    found.append((read_curve(run_dir, metric, json.loads((run_dir / "eval_results.json").read_text())),
+                                  run_key(task, name, lr, seed)))
+            source = sources.get(name)  # drawn before, perhaps from a folder not here (a fresh checkout)
+            held = source is None or (source.split("/")[2] == f"lr{lr:g}" and source.split("seed")[-1]
+                                      in t["runs"][name].get(str(lr), {}))  # its run still counts at this rate
+            if name in state.get(key, {}) and held:
+                found.append((state[key][name], source))
             if found:
-                curves[name] = max(found, key=len)  # the first such curve on a tie
+                curves[name], sources[name] = max(found, key=lambda c: len(c[0]))  # the first such curve on a tie
         if curves:
             plot_curves(curves, metric, (t["summary"].get("teacher") or {}).get("mean"), args.out_path / png,
                         spec.glue_name)

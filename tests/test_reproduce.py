@@ -69,7 +69,7 @@ def quick_table(tmp_path, rows):
     assert one.returncode == 0, (one.stdout + one.stderr)[-4000:]
     assert one.stdout.count("done in") == 2 and (out / "sst2" / "lrc_bert1" / "lr0.001" / "seed1").exists()
     rebuilt = json.loads((out / "results.json").read_text())
-    assert rebuilt["fingerprints"]["sst2/teacher"] == state["fingerprints"]["sst2/teacher"]
+    assert rebuilt["fingerprints"]["sst2/teacher/lr0.001/seed1"] == state["fingerprints"]["sst2/teacher/lr0.001/seed1"]
     assert rebuilt["tasks"]["sst2"]["runs"]["teacher"] == sst2["runs"]["teacher"]
 
     # another general student than the one the runs came from is refused before anything runs
@@ -318,7 +318,8 @@ def test_runs_known_only_from_results_json_are_reconciled_by_their_record(tmp_pa
             "no_perturb": fake_run(args, "sst2", "no_perturb", 2, (), 0.78)}
     state = {"tasks": {"sst2": {"metric": "accuracy", "chance": 0.5, "summary": {}, "runs": {
         "lrc_bert": {"0.0003": {"2": 0.79}}, "no_cos_nce": {"0.0003": {"2": 0.70}},
-        "no_perturb": {"0.0003": {"2": 0.78}}, "plain_ft": {"0.0003": {"2": 0.72}}}}}}
+        "no_perturb": {"0.0003": {"2": 0.78}}, "plain_ft": {"0.0003": {"2": 0.72}}}}},
+        "superseded": {"sst2/no_cos_nce/lr0.0003/seed2": {"score": 0.69}}}  # set aside before; no folder either
     state["records"] = {f"sst2/{name}/lr0.0003/seed2": dict(zip(("runner", "flags"), recorded_flags(out)))
                         for name, out in made.items()}
     shutil.rmtree(args.out_path)  # the folders go, results.json stays
@@ -328,7 +329,8 @@ def test_runs_known_only_from_results_json_are_reconciled_by_their_record(tmp_pa
     assert runs["perturb_replace"] == {"0.0003": {"2": 0.79}} and runs["lrc_bert"] == {}
     assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and runs["no_cos_nce"] == {}
     assert runs["plain_ft"] == {"0.0003": {"2": 0.72}}  # no folder and no record (older than records): kept
-    assert state["superseded"]["sst2/no_cos_nce/lr0.0003/seed2"]["score"] == 0.70
+    assert state["superseded"]["sst2/no_cos_nce/lr0.0003/seed2"]["score"] == 0.69  # kept
+    assert state["superseded"]["sst2/no_cos_nce/lr0.0003/seed2.2"]["score"] == 0.70
     assert set(state["records"]) == {"sst2/perturb_replace/lr0.0003/seed2", "sst2/no_perturb/lr0.0003/seed2"}
     assert state["records"]["sst2/perturb_replace/lr0.0003/seed2"]["flags"]["perturb_mode"] == "replace"
     assert not any(p.is_file() for p in args.out_path.rglob("*"))
@@ -336,6 +338,7 @@ def test_runs_known_only_from_results_json_are_reconciled_by_their_record(tmp_pa
     again = json.loads(json.dumps(state))
     reconcile_table(args, again)  # stable
     assert again["tasks"] == state["tasks"] and again["records"] == state["records"]
+    assert again["superseded"] == state["superseded"]
 
 
 def test_a_rebuilt_teacher_counts_only_as_the_same_model(tmp_path):
@@ -356,10 +359,13 @@ def test_a_rebuilt_teacher_counts_only_as_the_same_model(tmp_path):
     state = {}
     rebuilt(1.0, 0.8268)
     check_teacher(args, state, "sst2", "accuracy", out, None)  # made by this table: its fingerprint is kept
-    first = state["fingerprints"]["sst2/teacher"]
+    first = state["fingerprints"]["sst2/teacher/lr0.0001/seed1"]  # one per rate of the teacher's grid
+    rebuilt(1.0, 0.5)
+    check_teacher(args, state, "sst2", "accuracy", out, 0.8268)  # the same weights: the same teacher
+    assert "rebuilt" not in state
     rebuilt(1.0 + 1e-7, 0.8268 + 2e-6)
     check_teacher(args, state, "sst2", "accuracy", out, 0.8268)
-    assert state["fingerprints"]["sst2/teacher"] != first and state["rebuilt"][0]["recorded_fingerprint"] == first
+    assert state["fingerprints"]["sst2/teacher/lr0.0001/seed1"] != first and state["rebuilt"][0]["recorded_fingerprint"] == first
     assert state["rebuilt"][0]["dev"] == 0.8268 + 2e-6 and "cpu" in state["rebuilt"][0]["machine"]
     rebuilt(2.0, 0.81)
     with pytest.raises(SystemExit, match="rebuilt sst2 teacher differs"):
