@@ -93,10 +93,12 @@ ROWS = {
     "no_cos_nce": Row("general student, no COS-NCE (soft + hard only)", "glue", "general", NO_INTERMEDIATE),
     "mse": Row("general student, hidden-state MSE instead of COS-NCE", "glue", "general", ("--intermediate", "mse")),
     "no_perturb": Row("general student, no gradient perturbation", "glue", "general", ("--perturb", "false")),
+    "perturb_on": Row("general student, the perturbation on (add mode) where the default leaves it off (STS-B)",
+                      "glue", "general", ("--perturb", "true")),
     "perturb_replace": Row("general student, the paper's replace mode (steps on the perturbed loss alone)", "glue",
-                           "general", ("--perturb_mode", "replace")),
+                           "general", ("--perturb", "true", "--perturb_mode", "replace")),
     "perturb_small": Row("general student, replace mode at radius 0.003 of the embedding norm (0.01 by default)",
-                         "glue", "general", ("--perturb_mode", "replace", "--epsilon", "0.003")),
+                         "glue", "general", ("--perturb", "true", "--perturb_mode", "replace", "--epsilon", "0.003")),
     "two_stage": Row("general student, the paper's two-stage schedule (80% of the steps COS-NCE alone)", "glue",
                      "general", ("--stage1_fraction", "0.8"), curve=True),
 }
@@ -514,6 +516,20 @@ def rows_of_task(rows: list[str], task: str, ablation_tasks: list[str]) -> list[
     return [r for r in rows if ROWS[r].every_task or task in ablation_tasks]
 
 
+def same_as_lrc_bert(args, task: str, data_dir: Path, name: str) -> bool:
+    """Whether ``name`` runs LRC-BERT's very command on ``task`` (an ablation of a default that
+    the task does not use: no perturbation on STS-B, where the default leaves it off). Such a
+    row is not run there, and its runs count as LRC-BERT's."""
+    row = ROWS[name]
+    if name == "lrc_bert" or row.runner != "glue" or (row.init == "general" and not args.general_student):
+        return False
+
+    def flags(r):
+        return command_flags("glue", row_command(args, task, data_dir, r, 1e-4, SELECTION_SEED, args.out_path / r,
+                                                 "teacher"))
+    return flags(name) == flags("lrc_bert")
+
+
 def curve_files(task: str) -> tuple[str, str]:
     """Where a task's curves go: the plot's file name and the results.json key."""
     return ("curves.png", "curves") if task == "sst2" else (f"curves_{task}.png", f"curves_{task}")
@@ -550,7 +566,9 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
                 elif key in records:
                     recorded = records[key]["runner"], records[key]["flags"]
                 own = wanted(name, lr, seed)
-                if recorded is None or (own is None and name in ROWS) or recorded[1] == own:
+                if recorded is None or (own is None and name in ROWS):
+                    continue
+                if recorded[1] == own and not (own is not None and same_as_lrc_bert(args, task, data_dir, name)):
                     continue
                 if name == "teacher":
                     raise SystemExit(f"error: the {task} teacher {out} was made with other flags "
@@ -578,7 +596,8 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
                       flush=True)
                 continue
         set_aside(args, state, task, name, lr, seed, lifted, score,
-                  differences(recorded, own) if own is not None else {"row": [name, "retired"]})
+                  {"row": [name, "retired"]} if own is None else differences(recorded, own)
+                  or {"row": [name, f"runs lrc_bert's command on {task}"]})
     for by_lr in t["runs"].values():
         for lr in [lr for lr, seeds in by_lr.items() if not seeds]:
             del by_lr[lr]
@@ -644,6 +663,9 @@ def run_task(args, task: str, state: dict, command: str) -> None:
     spec, data_dir = args.task_specs[task]
     metric = spec.primary_metric
     rows = rows_of_task(args.rows, task, args.ablation_tasks)
+    for name in [r for r in rows if same_as_lrc_bert(args, task, data_dir, r)]:
+        print(f"[{task}] {name}: the same command as lrc_bert on {task} (its default): not run", flush=True)
+        rows.remove(name)
     t = state["tasks"].setdefault(task, {"metric": metric, "chance": chance_level(spec, data_dir, args.eval_samples),
                                          "runs": {}, "summary": {}, "paired": {}})
     t["runs"] = {r: t["runs"].get(r, {}) for r in ROWS if r in rows or r in t["runs"]}  # earlier rows stay

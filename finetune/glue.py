@@ -91,6 +91,15 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
     _: KW_ONLY
     perturb_mode: str = flag("replace: train on L(e') only (the paper); add: L(e) + L(e'), the task-stage default",
                              "add", choices=PERTURB_MODES)
+    # on a regression task (STS-B) every perturbation measured cost Pearson against none, on
+    # both machines and every seed (docs/METHOD_NOTES.md): the default leaves it off there
+    perturb: bool | None = flag("gradient perturbation on the student's embedding output; default: on, except "
+                                "on regression tasks (STS-B)", None)
+
+    def __post_init__(self):
+        if self.perturb is None:
+            self.perturb = not glue.get_task(self.task).is_regression
+        super().__post_init__()
 
 
 # flags that never change what a run trains or scores: where things go, logging, checkpoints,

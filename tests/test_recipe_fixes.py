@@ -133,6 +133,23 @@ def test_the_task_stage_perturbs_in_add_mode_and_general_distillation_as_the_pap
         parse_args(GlueArgs, ["--task", "sst2", "--teacher", "t", "--output_dir", "o", "--perturb_mode", "both"])
 
 
+def test_the_task_stage_perturbs_classification_but_not_regression_by_default():
+    """Measured: every perturbation setting cost STS-B Pearson at small budgets, so the default
+    is on for classification and off for regression; an explicit --perturb wins either way."""
+    from finetune.glue import GlueArgs, effective_flags
+    from lrcbert.config import parse_args
+
+    def args(task, *extra):
+        return parse_args(GlueArgs, ["--task", task, "--teacher", "t", "--output_dir", "o", *extra])
+
+    assert args("sst2").perturb is True and args("cola").perturb is True and args("rte").perturb is True
+    assert args("stsb").perturb is False and args("STS-B").perturbation.enabled is False
+    assert args("stsb", "--perturb", "true").perturb is True and args("sst2", "--perturb", "false").perturb is False
+    assert effective_flags(args("stsb")) == effective_flags(args("stsb", "--perturb", "false"))  # what args.json says
+    with pytest.raises(UserError, match="unknown GLUE task"):
+        args("nope")
+
+
 # ---------------------------------------------------------------- per-rank dropout
 
 def test_each_rank_draws_its_own_dropout():

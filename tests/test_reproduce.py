@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, make_tiny_encoder, run_group
-from bench.reproduce import (ROWS, chance_level, check_teacher, command_flags, curve_files, paired_test, reconcile_table,
+from bench.reproduce import (ROWS, chance_level, check_teacher, same_as_lrc_bert, command_flags, curve_files, paired_test, reconcile_table,
                              row_command, rows_of_task, run_once, summarize_row, write_outputs)
 from bench.reproduce import parse_args as parse_reproduce_args
 
@@ -372,3 +372,33 @@ def test_a_rebuilt_teacher_counts_only_as_the_same_model(tmp_path):
         check_teacher(args, state, "sst2", "accuracy", out, 0.8268)
     assert not out.exists() and (out.parent / "seed1.rebuilt" / "eval_results.json").exists()
     assert len(state["rebuilt"]) == 1
+
+
+def test_rows_that_run_lrc_berts_command_on_a_task_are_lrc_bert_there(tmp_path):
+    """The perturbation is off by default on STS-B: there no_perturb is LRC-BERT (its runs move
+    to the LRC-BERT row and it is not run), the runs made with it on move to perturb_on, and on
+    SST-2 it is the other way round."""
+    args = bench_reproduce_args(tmp_path)
+    args.out_path = tmp_path / "r"
+    assert same_as_lrc_bert(args, "stsb", tmp_path, "no_perturb") and not same_as_lrc_bert(args, "sst2", tmp_path,
+                                                                                             "no_perturb")
+    assert same_as_lrc_bert(args, "sst2", tmp_path, "perturb_on") and not same_as_lrc_bert(args, "stsb", tmp_path,
+                                                                                             "perturb_on")
+    assert not any(same_as_lrc_bert(args, "stsb", tmp_path, r) for r in ROWS if r not in ("no_perturb",))
+    fake_run(args, "stsb", "lrc_bert", 2, ("--perturb", "true"), 0.14)  # made when the default perturbed
+    fake_run(args, "stsb", "no_perturb", 2, (), 0.18)
+    fake_run(args, "stsb", "perturb_replace", 2, ("--perturb", "true", "--perturb_mode", "replace"), 0.12)
+    fake_run(args, "sst2", "no_perturb", 2, (), 0.78)
+    state = {"tasks": {task: {"metric": "accuracy", "chance": 0.5, "summary": {}, "runs": runs} for task, runs in {
+        "stsb": {"lrc_bert": {"0.0003": {"2": 0.14}}, "no_perturb": {"0.0003": {"2": 0.18}},
+                 "perturb_replace": {"0.0003": {"2": 0.12}}},
+        "sst2": {"no_perturb": {"0.0003": {"2": 0.78}}}}.items()}}
+    reconcile_table(args, state)
+    stsb = state["tasks"]["stsb"]["runs"]
+    assert stsb["lrc_bert"] == {"0.0003": {"2": 0.18}} and stsb["perturb_on"] == {"0.0003": {"2": 0.14}}
+    assert stsb["no_perturb"] == {} and stsb["perturb_replace"] == {"0.0003": {"2": 0.12}}
+    assert state["tasks"]["sst2"]["runs"] == {"no_perturb": {"0.0003": {"2": 0.78}}}
+    root = args.out_path / "stsb"
+    assert json.loads((root / "lrc_bert/lr0.0003/seed2/args.json").read_text())["perturb"] is False
+    assert json.loads((root / "perturb_on/lr0.0003/seed2/args.json").read_text())["perturb"] is True
+    assert "superseded" not in state
