@@ -93,7 +93,7 @@ def test_quick_quality_table(tmp_path):
 
 @pytest.mark.slow
 def test_quick_quality_table_every_row(tmp_path):
-    args_of = quick_table(tmp_path, list(ROWS))
+    args_of = quick_table(tmp_path, [r for r in ROWS if r != "perturb_on"])  # on SST-2 it is LRC-BERT: not run
     assert args_of["mse"]["intermediate"] == "mse" and args_of["no_cos_nce"]["intermediate"] == "none"
     assert args_of["no_perturb"]["perturb"] is False and args_of["lrc_bert"]["perturb"] is True
     assert args_of["perturb_replace"]["perturb_mode"] == "replace" and args_of["lrc_bert"]["perturb_mode"] == "add"
