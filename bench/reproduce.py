@@ -796,7 +796,9 @@ def main(argv=None) -> int:
                   f"(weights {fp}, the table's {known}); pass that student, another --out, or "
                   "--rebuilt_general_student for the same setting rebuilt elsewhere", file=sys.stderr)
             return 2
-        if known and fp != known:
+        earlier = not known and any(runs for task in state["tasks"].values() for name, runs in task["runs"].items()
+                                    if name in ROWS and ROWS[name].init == "general")
+        if (known and fp != known) or earlier:  # earlier: runs made before fingerprints were kept, maybe elsewhere
             state.setdefault("rebuilt", []).append({"general_student": args.general_student, "fingerprint": fp,
                                                     "recorded_fingerprint": known, "machine": machine_facts()})
         state["fingerprints"]["general_student"] = fp

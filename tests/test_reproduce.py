@@ -402,3 +402,30 @@ def test_rows_that_run_lrc_berts_command_on_a_task_are_lrc_bert_there(tmp_path):
     assert json.loads((root / "lrc_bert/lr0.0003/seed2/args.json").read_text())["perturb"] is False
     assert json.loads((root / "perturb_on/lr0.0003/seed2/args.json").read_text())["perturb"] is True
     assert "superseded" not in state
+
+
+def test_a_table_older_than_fingerprints_notes_the_general_student_it_first_records(tmp_path):
+    """The general student's fingerprint is first recorded in a table that already holds runs
+    from a general student (made before fingerprints were kept, perhaps on another machine):
+    results.json says so; a recorded run without its folder is not rerun."""
+    from safetensors.torch import save_file
+
+    general = tmp_path / "general"
+    general.mkdir()
+    (general / "config.json").write_text("{}")
+    save_file({"w": torch.ones(2)}, str(general / "model.safetensors"))
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"tasks": {"sst2": {
+        "metric": "accuracy", "chance": 0.5, "summary": {}, "paired": {},
+        "runs": {"teacher": {"0.001": {"1": 0.8}}, "lrc_bert": {"0.001": {"1": 0.75}}}}}}))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--out", str(out),
+                           "--tasks", "sst2", "--rows", "teacher", "--teacher", str(general),
+                           "--general_student", str(general)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recorded in results.json" in proc.stdout and "done in" not in proc.stdout
+    state = json.loads((out / "results.json").read_text())
+    fp = state["fingerprints"]["general_student"]
+    assert state["rebuilt"] == [{"general_student": str(general), "fingerprint": fp, "recorded_fingerprint": None,
+                                 "machine": state["rebuilt"][0]["machine"]}]
+    assert state["tasks"]["sst2"]["runs"]["lrc_bert"] == {"0.001": {"1": 0.75}}
