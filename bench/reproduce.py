@@ -240,6 +240,22 @@ def _flags_of(runner: str, values: dict) -> dict:
     return json.loads(json.dumps(flags))  # tuples as lists, as args.json has them
 
 
+def stored_flags(record: dict) -> tuple[str, dict]:
+    """(runner, flags) of a run known from its ``results.json`` record, read as today's scripts
+    read them: a flag added since the record was made takes today's default, as it does for a
+    run's ``args.json``."""
+    import dataclasses
+
+    from bench.textbrewer_baseline import BaselineArgs
+    from finetune.glue import GlueArgs
+
+    runner, flags = record["runner"], record["flags"]
+    cls = BaselineArgs if runner == "textbrewer" else GlueArgs
+    required = {f.name: "x" for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return runner, _flags_of(runner, {**required, **flags})
+
+
 def command_flags(runner: str, cmd: list[str]) -> dict:
     """What a row's command line trains with (see ``_flags_of``)."""
     from lrcbert.config import parse_args as parse_flags
@@ -564,7 +580,7 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
                 if recorded is not None:  # the folder is the truth; results.json keeps a copy
                     records[key] = {**records.get(key, {}), "runner": recorded[0], "flags": recorded[1]}
                 elif key in records:
-                    recorded = records[key]["runner"], records[key]["flags"]
+                    recorded = stored_flags(records[key])
                 own = wanted(name, lr, seed)
                 if recorded is None or (own is None and name in ROWS):
                     continue
