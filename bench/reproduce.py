@@ -617,6 +617,12 @@ def reconcile(args, task: str, data_dir: Path, state: dict) -> None:
     for by_lr in t["runs"].values():
         for lr in [lr for lr, seeds in by_lr.items() if not seeds]:
             del by_lr[lr]
+    curve_key = curve_files(task)[1]
+    sources = state.get("curve_sources", {}).get(curve_key, {})
+    for name, lr, seed, *_ in staged:  # a curve drawn from a run that moved is not its row's any more
+        if sources.get(name) in (run_key(task, name, lr, seed), None):  # from it, or drawn before sources were kept
+            sources.pop(name, None)
+            state.get(curve_key, {}).pop(name, None)
 
 
 def check_teacher(args, state: dict, task: str, metric: str, out: Path, recorded_score) -> None:
@@ -671,7 +677,7 @@ def reconcile_table(args, state: dict) -> None:
     summarize again: the table never shows a run its row would not make today."""
     for task, t in state["tasks"].items():
         reconcile(args, task, Path(args.glue_dir) / get_task(task).glue_name, state)
-        t["runs"] = {r: t["runs"][r] for r in ROWS if r in t["runs"]}
+        t["runs"] = {r: t["runs"][r] for r in ROWS if t["runs"].get(r)}  # rows with no run left go
         summarize_task(t)
 
 

@@ -99,6 +99,11 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
     def __post_init__(self):
         if self.perturb is None:
             self.perturb = not glue.get_task(self.task).is_regression
+            changed = [f"--{k} {getattr(self, k)}" for k in ("perturb_mode", "epsilon", "epsilon_relative")
+                       if getattr(self, k) != type(self).__dataclass_fields__[k].default]
+            if changed and not self.perturb:  # e.g. one sweep's flags for every task: say it, do not ignore it
+                raise UserError(f"{' '.join(changed)} has no effect: gradient perturbation is off by default on "
+                                f"{self.task} (a regression task); pass --perturb true to perturb")
         super().__post_init__()
 
 
@@ -113,6 +118,22 @@ DISTILL_ONLY = frozenset({
     "student", "student_layers", "student_hidden", "student_intermediate", "student_heads", "pooling", "perturb",
     "epsilon", "epsilon_relative", "perturb_mode", "layer_map", "stage1_fraction", "stage1_weights", "stage2_weights",
     "intermediate", "negatives", "num_negatives", "temperature", "lr_schedule"})
+
+
+PERTURBATION_FLAGS = ("perturb", "epsilon", "epsilon_relative", "perturb_mode")
+
+
+def check_same_perturbation(saved: dict, args: GlueArgs) -> None:
+    """A resumed run must perturb as it did before the stop: the default depends on the task
+    and has changed over time, so a command that resumes a run may no longer say what it
+    trained with; the checkpoint's arguments do. UserError naming the flags to pass."""
+    known = {k: v for k, v in saved.items() if k in GlueArgs.__dataclass_fields__}
+    before = {k: v for k, v in effective_flags(GlueArgs(**known)).items() if k in PERTURBATION_FLAGS}
+    now = {k: v for k, v in effective_flags(args).items() if k in PERTURBATION_FLAGS}
+    if before != now:
+        said = " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in before.items())
+        raise UserError(f"--resume: the checkpoint was trained with {said or '--perturb false'}; "
+                        "pass the same to resume it (or start a new run)")
 
 
 def effective_flags(args: GlueArgs) -> dict:
@@ -355,7 +376,9 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     micro_step = 0
     if args.resume:
         # a global batch is a fixed span of the epoch's permutation whatever the layout: only the count converts
-        micro_step = resumed_micro_step(run.resume(engine), args.gradient_accumulation_steps)
+        saved = run.resume(engine)
+        check_same_perturbation(saved["args"], args)  # before any step: the checkpoint is left as it is
+        micro_step = resumed_micro_step(saved, args.gradient_accumulation_steps)
         if run.is_main:
             print(f"resumed from step {engine.global_steps} ({micro_step} micro-batches consumed)")
 
@@ -432,9 +455,10 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
                                 f"({args.lr_schedule if distill else 'whole_run'} schedule), max_seq_length "
                                 f"{args.max_seq_length}, {args.precision}; model {shape.num_hidden_layers} layers x "
                                 f"{shape.hidden_size} hidden; intermediate loss {args.intermediate}, gradient "
-                                f"perturbation {'epsilon ' + str(args.epsilon) if args.perturb else 'off'}.",
+                                f"perturbation {f'{args.perturb_mode}, epsilon {args.epsilon}' if args.perturb else 'off'}.",
                          command=command_line("finetune/glue.py"), teacher=args.teacher,
-                         parameters=count_parameters(student_hf), task=task, results=results, distilled=distill)
+                         parameters=count_parameters(student_hf), task=task, results=results, distilled=distill,
+                         perturbed=args.perturb)
         payload = {"task": task.name, "stage": args.stage, "steps": engine.global_steps, **results}
         if teacher_results is not None:
             payload["teacher"] = teacher_results

@@ -31,7 +31,7 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
 
 def write_model_card(model_dir: str, *, title: str, recipe: str, command: str, teacher: str,
                      parameters: int, task=None, results: dict[str, dict[str, float]] | None = None,
-                     distilled: bool = True) -> str:
+                     distilled: bool = True, perturbed: bool = True) -> str:
     """Write ``model_dir/README.md``; returns its path.
 
     ``task`` (a GLUE ``TaskSpec``) and ``results`` (dev split -> metric -> value) describe a
@@ -54,7 +54,8 @@ def write_model_card(model_dir: str, *, title: str, recipe: str, command: str, t
     if distilled:
         about = (f"A {parameters / 1e6:.1f}M-parameter student distilled with LRC-BERT (latent-representation "
                  "contrastive distillation: COS-NCE on intermediate layers, soft and hard prediction-layer "
-                 f"losses, gradient perturbation) from the teacher `{teacher}`.")
+                 f"losses{', gradient perturbation' if perturbed else '; without gradient perturbation'}) from the "
+                 f"teacher `{teacher}`.")
     else:
         about = (f"A {parameters / 1e6:.1f}M-parameter teacher: `{teacher}` fine-tuned on the task, "
                  "to distill LRC-BERT students from.")

@@ -120,8 +120,9 @@ def test_resume_matches_uninterrupted_run(sst2_student, tmp_path):
         json.loads((straight / "eval_results.json").read_text())["dev"]
 
 
-@pytest.mark.parametrize("task,folder", [("mrpc", "MRPC"), ("stsb", "STS-B")])
-def test_pair_and_regression_tasks(tmp_path, task, folder):
+@pytest.mark.parametrize("task,folder,extra", [("mrpc", "MRPC", ()),
+                                               ("stsb", "STS-B", ("--perturb", "true"))])  # off by default there
+def test_pair_and_regression_tasks(tmp_path, task, folder, extra):
     encoder = make_tiny_encoder(tmp_path / "encoder")
     teacher = tmp_path / "teacher"
     proc = launch("finetune/glue.py", glue_args(task, folder, teacher, encoder, "--stage", "teacher",
@@ -129,13 +130,15 @@ def test_pair_and_regression_tasks(tmp_path, task, folder):
     assert proc.returncode == 0, tail(proc)
     out = tmp_path / "student"
     proc = launch("finetune/glue.py", glue_args(task, folder, out, teacher / "model", "--max_steps", "6",
-                                                "--teacher_gate", "false", *SMALL_STUDENT), num_ranks=1)
+                                                "--teacher_gate", "false", *SMALL_STUDENT, *extra), num_ranks=1)
     assert proc.returncode == 0, tail(proc)
     spec = glue.get_task(task)
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["dev"]) == set(spec.metrics)
     assert rescore_with_transformers(out / "model", task, folder, 96) == pytest.approx(results["dev"], abs=1e-5)
     assert (out / "submission" / spec.submission_file("test")).is_file()
+    assert json.loads((out / "args.json").read_text())["perturb"] is True  # the regression head under perturbation
+    assert "gradient perturbation add, epsilon 0.01" in (out / "model" / "README.md").read_text()
 
 
 def test_real_teacher_gate_refuses_an_untuned_encoder_then_fine_tunes(tmp_path):

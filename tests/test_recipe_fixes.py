@@ -148,6 +148,10 @@ def test_the_task_stage_perturbs_classification_but_not_regression_by_default():
     assert effective_flags(args("stsb")) == effective_flags(args("stsb", "--perturb", "false"))  # what args.json says
     with pytest.raises(UserError, match="unknown GLUE task"):
         args("nope")
+    with pytest.raises(UserError, match="--perturb_mode replace has no effect: gradient perturbation is off"):
+        args("stsb", "--perturb_mode", "replace")  # a knob for a perturbation that the default leaves off
+    assert args("stsb", "--perturb_mode", "replace", "--perturb", "true").perturbation.mode == "replace"
+    assert args("sst2", "--epsilon", "0.003").perturbation.epsilon == 0.003
 
 
 # ---------------------------------------------------------------- per-rank dropout
@@ -212,3 +216,29 @@ def _replace_grads(ids, mask):
                              params=list(model.parameters()))
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_resuming_with_another_perturbation_is_refused_and_the_card_says_which(tmp_path):
+    """A run stopped while its default perturbed and resumed under today's default would be
+    neither: the checkpoint's arguments decide, and the refusal names the flags to pass. The
+    model card of a student trained without perturbation says so."""
+    from dataclasses import asdict
+
+    from finetune.glue import GlueArgs, check_same_perturbation
+    from lrcbert.config import parse_args
+    from lrcbert.model_card import write_model_card
+
+    def args(*extra):
+        return parse_args(GlueArgs, ["--task", "stsb", "--teacher", "t", "--output_dir", "o", *extra])
+
+    saved = asdict(args("--perturb", "true"))  # as the checkpoint stores them
+    with pytest.raises(UserError, match="--perturb true --epsilon 0.01 --epsilon_relative true --perturb_mode add"):
+        check_same_perturbation(saved, args())
+    check_same_perturbation(saved, args("--perturb", "true"))
+    with pytest.raises(UserError, match="trained with --perturb false"):
+        check_same_perturbation(asdict(args()), args("--perturb", "true"))
+    check_same_perturbation(asdict(args("--stage", "teacher")), args("--stage", "teacher", "--perturb", "true"))
+
+    card = write_model_card(str(tmp_path), title="t", recipe="r", command="c", teacher="T", parameters=10,
+                            perturbed=False)
+    assert "without gradient perturbation" in open(card).read()

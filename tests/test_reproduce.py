@@ -241,9 +241,9 @@ def test_a_default_change_moves_each_run_to_the_row_it_now_matches(tmp_path):
 
     runs = state["tasks"]["sst2"]["runs"]
     assert runs["lrc_bert"] == {"0.0003": {"2": 0.80}} and runs["perturb_replace"] == {"0.0003": {"2": 0.79}}
-    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and runs["no_cos_nce"] == {} and "perturb_add" not in runs
+    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and "no_cos_nce" not in runs and "perturb_add" not in runs
     assert list(runs) == [r for r in ROWS if r in runs]  # the table's row order
-    assert state["tasks"]["rte"]["runs"] == {"lrc_bert": {}, "perturb_replace": {"0.0003": {"2": 0.55}}}
+    assert state["tasks"]["rte"]["runs"] == {"perturb_replace": {"0.0003": {"2": 0.55}}}  # an emptied row goes
     assert set(state["tasks"]["sst2"]["summary"]) == set(runs)  # summarized again, the new rows included
     table = write_outputs(args, state, "python bench/reproduce.py")
     assert ROWS["perturb_replace"].description in table and "perturb_add" not in table
@@ -327,8 +327,8 @@ def test_runs_known_only_from_results_json_are_reconciled_by_their_record(tmp_pa
     reconcile_table(args, state)
 
     runs = state["tasks"]["sst2"]["runs"]
-    assert runs["perturb_replace"] == {"0.0003": {"2": 0.79}} and runs["lrc_bert"] == {}
-    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and runs["no_cos_nce"] == {}
+    assert runs["perturb_replace"] == {"0.0003": {"2": 0.79}} and "lrc_bert" not in runs
+    assert runs["no_perturb"] == {"0.0003": {"2": 0.78}} and "no_cos_nce" not in runs
     assert runs["plain_ft"] == {"0.0003": {"2": 0.72}}  # no folder and no record (older than records): kept
     assert state["superseded"]["sst2/no_cos_nce/lr0.0003/seed2"]["score"] == 0.69  # kept
     assert state["superseded"]["sst2/no_cos_nce/lr0.0003/seed2.2"]["score"] == 0.70
@@ -394,10 +394,15 @@ def test_rows_that_run_lrc_berts_command_on_a_task_are_lrc_bert_there(tmp_path):
         "stsb": {"lrc_bert": {"0.0003": {"2": 0.14}}, "no_perturb": {"0.0003": {"2": 0.18}},
                  "perturb_replace": {"0.0003": {"2": 0.12}}},
         "sst2": {"no_perturb": {"0.0003": {"2": 0.78}}}}.items()}}
+    png, key = curve_files("stsb")
+    state[key] = {"lrc_bert": [[400, 0.14]], "no_perturb": [[400, 0.18]], "perturb_replace": [[400, 0.12]]}
+    state["curve_sources"] = {key: {"lrc_bert": "stsb/lrc_bert/lr0.0003/seed2",
+                                    "perturb_replace": "stsb/perturb_replace/lr0.0003/seed2"}}
     reconcile_table(args, state)
+    assert state[key] == {"perturb_replace": [[400, 0.12]]}  # the curves of the runs that moved are not drawn again
     stsb = state["tasks"]["stsb"]["runs"]
     assert stsb["lrc_bert"] == {"0.0003": {"2": 0.18}} and stsb["perturb_on"] == {"0.0003": {"2": 0.14}}
-    assert stsb["no_perturb"] == {} and stsb["perturb_replace"] == {"0.0003": {"2": 0.12}}
+    assert "no_perturb" not in stsb and stsb["perturb_replace"] == {"0.0003": {"2": 0.12}}
     assert state["tasks"]["sst2"]["runs"] == {"no_perturb": {"0.0003": {"2": 0.78}}}
     root = args.out_path / "stsb"
     assert json.loads((root / "lrc_bert/lr0.0003/seed2/args.json").read_text())["perturb"] is False
