@@ -327,19 +327,24 @@ def move_run(src: Path, dst: Path) -> None:
         log.rename(dst.parent / f"{dst.name}.log")
 
 
-def run_once(args, out: Path, cmd: list[str], runner: str = "glue", set_aside_run=None) -> dict:
-    """One run (reused when its eval_results.json exists and it was made with ``cmd``'s flags;
-    otherwise ``set_aside_run(out, differences)`` moves it away first); returns that file's contents."""
+def run_once(args, out: Path, cmd: list[str], runner: str = "glue", set_aside_run=None,
+             before_run=None) -> tuple[dict, bool]:
+    """One run: reused when its eval_results.json exists and it was made with ``cmd``'s flags;
+    otherwise ``set_aside_run(out, differences)`` moves a finished run away, ``before_run()``
+    readies what the run reads (a teacher to rebuild), and it runs. Returns that file's contents
+    and whether the run was made now."""
     results = out / "eval_results.json"
     if results.exists() and not args.fresh:
         recorded = recorded_flags(out)
         differs = differences(recorded[1], command_flags(runner, cmd)) if recorded else {}
         if not differs:
             print(f"  reusing {out.relative_to(args.out_path)}", flush=True)
-            return json.loads(results.read_text())
+            return json.loads(results.read_text()), False
         if set_aside_run is None:
             raise SystemExit(f"error: {out} was made with other flags: {differs}")
         set_aside_run(out, differs)
+    if before_run is not None:
+        before_run()
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"
     start = time.time()
@@ -347,7 +352,7 @@ def run_once(args, out: Path, cmd: list[str], runner: str = "glue", set_aside_ru
     if code != 0 or not results.exists():
         raise SystemExit(f"error: run failed (exit {code}); log {log}:\n{log.read_text()[-2000:]}")
     print(f"  done in {time.time() - start:.0f} s", flush=True)
-    return json.loads(results.read_text())
+    return json.loads(results.read_text()), True
 
 
 def glue_command(args, task: str, data_dir: Path, out: Path, flags: list[str]) -> list[str]:
@@ -729,19 +734,18 @@ def run_task(args, task: str, state: dict, command: str) -> None:
             return
         teacher = None if name == "teacher" else teacher_run()
         cmd = row_command(args, task, data_dir, name, lr, seed, out, teacher and str(teacher[1] / "model"))
-        made = recorded_flags(out) if folder else None
-        runs = (args.fresh or not folder
-                or (made is not None and bool(differences(made[1], command_flags(ROWS[name].runner, cmd)))))
-        if runs and teacher and not (teacher[1] / "eval_results.json").exists():
-            one("teacher", teacher[0], SELECTION_SEED, needed=True)  # recorded, its folder not here: rebuild it
-        results = run_once(args, out, cmd, *aside(name, lr, seed))
-        if name == "teacher":
+
+        def ready_teacher():  # a student about to run distills from the teacher: recorded, its folder gone, rebuild it
+            if teacher and not (teacher[1] / "eval_results.json").exists():
+                one("teacher", teacher[0], SELECTION_SEED, needed=True)
+        results, ran = run_once(args, out, cmd, *aside(name, lr, seed), before_run=ready_teacher)
+        if name == "teacher" and (ran or key not in state.get("fingerprints", {})):  # a reused one was checked when made
             check_teacher(args, state, task, metric, out, kept if not folder else None)
         t["runs"][name].setdefault(str(lr), {})[str(seed)] = score_of(results, metric)
         made = recorded_flags(out)
         if made is not None:  # where it was made is known only for a run made here
-            where = {"machine": machine_facts()} if runs else {k: v for k, v in records.get(key, {}).items()
-                                                                 if k == "machine"}
+            where = {"machine": machine_facts()} if ran else {k: v for k, v in records.get(key, {}).items()
+                                                                if k == "machine"}
             records[key] = {"runner": made[0], "flags": made[1], **where}
         refresh()
 

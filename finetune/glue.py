@@ -53,6 +53,10 @@ from lrcbert.runtime.ranks import env_rank, env_world_size, rank_and_world  # no
 from lrcbert.runtime.run import Run, RunSettings  # noqa: E402
 
 
+# the flags that decide the gradient perturbation: the switch, then the knobs it reads
+PERTURBATION_FLAGS = ("perturb", "epsilon", "epsilon_relative", "perturb_mode")
+
+
 @dataclass
 class GlueArgs(GlueStudentFlags, SharedFlags):
     """LRC-BERT task distillation on GLUE (default), or teacher fine-tuning (--stage teacher)."""
@@ -99,7 +103,7 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
     def __post_init__(self):
         if self.perturb is None:
             self.perturb = not glue.get_task(self.task).is_regression
-            changed = [f"--{k} {getattr(self, k)}" for k in ("perturb_mode", "epsilon", "epsilon_relative")
+            changed = [f"--{k} {getattr(self, k)}" for k in PERTURBATION_FLAGS[1:]
                        if getattr(self, k) != type(self).__dataclass_fields__[k].default]
             if changed and not self.perturb:  # e.g. one sweep's flags for every task: say it, do not ignore it
                 raise UserError(f"{' '.join(changed)} has no effect: gradient perturbation is off by default on "
@@ -118,9 +122,6 @@ DISTILL_ONLY = frozenset({
     "student", "student_layers", "student_hidden", "student_intermediate", "student_heads", "pooling", "perturb",
     "epsilon", "epsilon_relative", "perturb_mode", "layer_map", "stage1_fraction", "stage1_weights", "stage2_weights",
     "intermediate", "negatives", "num_negatives", "temperature", "lr_schedule"})
-
-
-PERTURBATION_FLAGS = ("perturb", "epsilon", "epsilon_relative", "perturb_mode")
 
 
 def check_same_perturbation(saved: dict, args: GlueArgs) -> None:

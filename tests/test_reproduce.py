@@ -286,7 +286,9 @@ def test_a_finished_run_is_reused_only_as_its_row_runs_now(tmp_path):
     args.out_path, args.fresh = tmp_path / "r", False
     out = fake_run(args, "sst2", "no_perturb", 2, (), 0.78)
     cmd = row_command(args, "sst2", tmp_path, "no_perturb", 3e-4, 2, out, "teacher")
-    assert run_once(args, out, cmd)["dev"]["accuracy"] == 0.78  # reused: nothing launched
+    readied = []
+    results, ran = run_once(args, out, cmd, before_run=lambda: readied.append(1))
+    assert results["dev"]["accuracy"] == 0.78 and not ran and not readied  # reused: nothing readied or launched
     stale = fake_run(args, "sst2", "lrc_bert", 2, ("--perturb_mode", "replace"), 0.79)
     with pytest.raises(SystemExit, match="perturb_mode"):
         run_once(args, stale, row_command(args, "sst2", tmp_path, "lrc_bert", 3e-4, 2, stale, "teacher"))
