@@ -27,18 +27,24 @@ def glue_args(task, folder, out, teacher, *extra, train=256, dev=96, test=24):
             "--max_seq_length", "64", *extra]
 
 
-def rescore_with_transformers(model_dir, task, folder, dev):
-    """Score the exported model on dev with plain transformers (no project code in the loop)."""
+def transformers_predictions(model_dir, task, folder, split, n):
+    """The exported model's predictions on the first ``n`` examples of a split, with plain
+    transformers (no project code in the loop): class ids, or scores for a regression."""
     task = glue.get_task(task)
-    ex = glue.read_split(task, GLUE / folder, task.dev_splits[0])
+    ex = glue.read_split(task, GLUE / folder, split)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    enc = tok(ex.text_a[:dev], ex.text_b[:dev] if ex.text_b else None, truncation=True, max_length=64,
+    enc = tok(ex.text_a[:n], ex.text_b[:n] if ex.text_b else None, truncation=True, max_length=64,
               padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits
-    preds = logits.reshape(-1).numpy() if task.is_regression else logits.argmax(-1).numpy()
-    return glue_metrics.compute_metrics(task, preds, np.asarray(ex.labels[:dev]))
+    return ex, logits.reshape(-1).numpy() if task.is_regression else logits.argmax(-1).numpy()
+
+
+def rescore_with_transformers(model_dir, task, folder, dev):
+    """Score the exported model on dev with plain transformers."""
+    ex, preds = transformers_predictions(model_dir, task, folder, glue.get_task(task).dev_splits[0], dev)
+    return glue_metrics.compute_metrics(glue.get_task(task), preds, np.asarray(ex.labels[:dev]))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +127,8 @@ def test_resume_matches_uninterrupted_run(sst2_student, tmp_path):
 
 
 @pytest.mark.parametrize("task,folder,extra", [("mrpc", "MRPC", ()),
-                                               ("stsb", "STS-B", ("--perturb", "true"))])  # off by default there
+                                               ("stsb", "STS-B", ()),  # the default there: no perturbation
+                                               ("stsb", "STS-B", ("--perturb", "true"))])
 def test_pair_and_regression_tasks(tmp_path, task, folder, extra):
     encoder = make_tiny_encoder(tmp_path / "encoder")
     teacher = tmp_path / "teacher"
@@ -135,10 +142,23 @@ def test_pair_and_regression_tasks(tmp_path, task, folder, extra):
     spec = glue.get_task(task)
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["dev"]) == set(spec.metrics)
-    assert rescore_with_transformers(out / "model", task, folder, 96) == pytest.approx(results["dev"], abs=1e-5)
-    assert (out / "submission" / spec.submission_file("test")).is_file()
-    assert json.loads((out / "args.json").read_text())["perturb"] is True  # the regression head under perturbation
-    assert "gradient perturbation add, epsilon 0.01" in (out / "model" / "README.md").read_text()
+    submission = out / "submission" / spec.submission_file("test")
+    ex, theirs = transformers_predictions(out / "model", task, folder, "test", 24)
+    index, ours = glue_metrics.read_submission(task, submission)
+    assert index == ex.index[:24]
+    if spec.is_regression:
+        # the file holds 3 decimals; a tiny student's scores barely spread, so Pearson itself moves
+        # with the last bits of padding: the predictions are the check, the metrics only roughly
+        assert ours == pytest.approx(np.clip(theirs, 0, 5), abs=1e-3)
+        assert rescore_with_transformers(out / "model", task, folder, 96) == pytest.approx(results["dev"], rel=1e-2)
+    else:
+        assert ours == [int(p) for p in theirs]
+        assert rescore_with_transformers(out / "model", task, folder, 96) == pytest.approx(results["dev"], abs=1e-5)
+    perturbed = bool(extra) or not spec.is_regression
+    assert json.loads((out / "args.json").read_text())["perturb"] is perturbed
+    card = (out / "model" / "README.md").read_text()
+    assert ("gradient perturbation add, epsilon 0.01" in card) is perturbed
+    assert ("without gradient perturbation" in card) is not perturbed
 
 
 def test_real_teacher_gate_refuses_an_untuned_encoder_then_fine_tunes(tmp_path):
