@@ -99,6 +99,8 @@ ROWS = {
                            "general", ("--perturb", "true", "--perturb_mode", "replace")),
     "perturb_small": Row("general student, replace mode at radius 0.003 of the embedding norm (0.01 by default)",
                          "glue", "general", ("--perturb", "true", "--perturb_mode", "replace", "--epsilon", "0.003")),
+    "mean_pooling": Row("general student, COS-NCE on mean-pooled layer outputs (flatten by default)", "glue",
+                        "general", ("--pooling", "mean")),
     "two_stage": Row("general student, the paper's two-stage schedule (80% of the steps COS-NCE alone)", "glue",
                      "general", ("--stage1_fraction", "0.8"), curve=True),
 }

@@ -99,6 +99,7 @@ def test_quick_quality_table_every_row(tmp_path):
     assert args_of["perturb_replace"]["perturb_mode"] == "replace" and args_of["lrc_bert"]["perturb_mode"] == "add"
     assert args_of["perturb_small"]["epsilon"] == 0.003 and args_of["perturb_small"]["perturb_mode"] == "replace"
     assert args_of["two_stage"]["stage1_fraction"] == 0.8 and args_of["lrc_bert"]["stage1_fraction"] == 0
+    assert args_of["mean_pooling"]["pooling"] == "mean" and args_of["lrc_bert"]["pooling"] == "flatten"
     assert args_of["plain_ft"]["stage2_weights"] == "0:0:1"
 
 
@@ -130,6 +131,7 @@ def test_every_row_command_parses_and_differs_only_by_its_flags(tmp_path):
     assert seen["perturb_small"].epsilon == 0.003 and seen["perturb_small"].perturb_mode == "replace"
     assert lrc.epsilon == 0.01
     assert seen["two_stage"].stage1_fraction == 0.8 and lrc.stage1_fraction == 0
+    assert seen["mean_pooling"].pooling == "mean" and lrc.pooling == "flatten"
     for plain in ("plain_ft", "plain_ft_general"):
         assert seen[plain].stage2_weights == "0:0:1" and not seen[plain].perturb and seen[plain].intermediate == "none"
 
