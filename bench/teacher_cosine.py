@@ -24,6 +24,27 @@ from lrcbert.method.layer_map import uniform_layer_map  # noqa: E402
 from lrcbert.method.losses import pool  # noqa: E402
 
 
+def teacher_cosines(teacher: str, task, data_dir: str, examples: int, max_seq_length: int,
+                    student_layers: int) -> tuple[int, float, list[tuple[int, int, str, float]]]:
+    """(examples read, mean length in tokens, [(student layer, teacher layer, pooling, c)])."""
+    from transformers import AutoModel, AutoTokenizer
+
+    ex = glue.read_split(task, data_dir, "train")
+    n = min(examples, len(ex.text_a))
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModel.from_pretrained(teacher).eval()
+    enc = tok(ex.text_a[:n], ex.text_b[:n] if ex.text_b else None, truncation=True,
+              max_length=max_seq_length, padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states
+    rows = []
+    for i, t in uniform_layer_map(student_layers, model.config.num_hidden_layers):
+        for mode in ("flatten", "mean"):
+            v = torch.nn.functional.normalize(pool(hidden[t], enc["attention_mask"], mode), dim=-1)
+            rows.append((i, t, mode, (((v @ v.T).sum() - n) / (n * (n - 1))).item()))
+    return n, enc["attention_mask"].sum(1).float().mean().item(), rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True)
@@ -33,27 +54,14 @@ def main(argv=None) -> int:
     p.add_argument("--max_seq_length", type=int, default=64)
     p.add_argument("--student_layers", type=int, default=4)
     args = p.parse_args(argv)
-
-    from transformers import AutoModel, AutoTokenizer
-
     task = glue.get_task(args.task)
-    ex = glue.read_split(task, args.data_dir, "train")
-    n = min(args.examples, len(ex.text_a))
-    tok = AutoTokenizer.from_pretrained(args.teacher)
-    model = AutoModel.from_pretrained(args.teacher).eval()
-    enc = tok(ex.text_a[:n], ex.text_b[:n] if ex.text_b else None, truncation=True,
-              max_length=args.max_seq_length, padding="max_length", return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**enc, output_hidden_states=True).hidden_states
-    length = enc["attention_mask"].sum(1).float().mean().item()
+    n, length, rows = teacher_cosines(args.teacher, task, args.data_dir, args.examples, args.max_seq_length,
+                                      args.student_layers)
     print(f"{task.name}: {n} training examples, {length:.1f} tokens on average, seq {args.max_seq_length}")
     print("| student layer | teacher layer | pooling | mean pairwise cosine c | collapsed floor 2 - sqrt(c) |")
     print("|---|---|---|---:|---:|")
-    for i, t in uniform_layer_map(args.student_layers, model.config.num_hidden_layers):
-        for mode in ("flatten", "mean"):
-            v = torch.nn.functional.normalize(pool(hidden[t], enc["attention_mask"], mode), dim=-1)
-            c = ((v @ v.T).sum() - n) / (n * (n - 1))
-            print(f"| {i} | {t} | {mode} | {c:.3f} | {2 - math.sqrt(max(c.item(), 0.0)):.2f} |")
+    for i, t, mode, c in rows:
+        print(f"| {i} | {t} | {mode} | {c:.3f} | {2 - math.sqrt(max(c, 0.0)):.2f} |")
     return 0
 
 

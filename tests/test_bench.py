@@ -199,3 +199,36 @@ def test_a_missing_plot_library_keeps_the_figures(tmp_path):
     assert "no plot: matplotlib is not installed" in proc.stdout
     assert json.loads((out / "inference_speed.json").read_text())["settings"]
     assert not (out / "inference_speed.png").exists()
+
+
+def test_teacher_cosine_is_the_mean_cosine_of_different_sentences(tmp_path, capsys):
+    """bench/teacher_cosine.py: each mapped layer's mean pairwise cosine, checked against a plain
+    loop over pairs of sentences (their masked token matrices, compared whole or averaged)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from bench import teacher_cosine
+    from lrcbert.data import glue
+    from tests.helpers import GLUE, make_tiny_encoder
+
+    if not (GLUE / "CoLA").is_dir():
+        pytest.skip(f"shared GLUE data not found at {GLUE}")
+    teacher = make_tiny_encoder(tmp_path / "enc", layers=6)
+    n, _, rows = teacher_cosine.teacher_cosines(teacher, glue.get_task("cola"), str(GLUE / "CoLA"), 6, 32, 4)
+    assert n == 6 and [(i, t) for i, t, mode, _ in rows if mode == "mean"] == [(1, 1), (2, 3), (3, 4), (4, 6)]
+    ex = glue.read_split("cola", GLUE / "CoLA", "train")
+    tok, model = AutoTokenizer.from_pretrained(teacher), AutoModel.from_pretrained(teacher).eval()
+    with torch.no_grad():
+        states = [model(**tok(text, truncation=True, max_length=32, return_tensors="pt"),
+                        output_hidden_states=True).hidden_states for text in ex.text_a[:6]]
+    for i, t, mode, c in rows:
+        vecs = [s[t][0].flatten() if mode == "flatten" else s[t][0].mean(0) for s in states]
+        if mode == "flatten":  # unpadded matrices of different lengths: pad with zeros as the script does
+            vecs = [torch.nn.functional.pad(v, (0, 32 * s[t].shape[-1] - v.numel())) for v, s in zip(vecs, states)]
+        pairs = [torch.nn.functional.cosine_similarity(vecs[a], vecs[b], dim=0).item()
+                 for a in range(6) for b in range(6) if a != b]
+        assert c == pytest.approx(sum(pairs) / len(pairs), abs=1e-4), (i, t, mode)
+    assert teacher_cosine.main(["--task", "cola", "--data_dir", str(GLUE / "CoLA"), "--teacher", teacher,
+                                "--examples", "6", "--max_seq_length", "32"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) == 1 + 8 and all(1.0 <= float(r.split("|")[5]) <= 2.0 for r in table[1:])
