@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lrcbert.data import glue  # noqa: E402
 from lrcbert.method.layer_map import uniform_layer_map  # noqa: E402
-from lrcbert.method.losses import pool  # noqa: E402
+from lrcbert.method.losses import mean_pairwise_cosine  # noqa: E402
 
 
 def teacher_cosines(teacher: str, task, data_dir: str, examples: int, max_seq_length: int,
@@ -40,8 +40,7 @@ def teacher_cosines(teacher: str, task, data_dir: str, examples: int, max_seq_le
     rows = []
     for i, t in uniform_layer_map(student_layers, model.config.num_hidden_layers):
         for mode in ("flatten", "mean"):
-            v = torch.nn.functional.normalize(pool(hidden[t], enc["attention_mask"], mode), dim=-1)
-            rows.append((i, t, mode, (((v @ v.T).sum() - n) / (n * (n - 1))).item()))
+            rows.append((i, t, mode, mean_pairwise_cosine(hidden[t], enc["attention_mask"], mode).item()))
     return n, enc["attention_mask"].sum(1).float().mean().item(), rows
 
 

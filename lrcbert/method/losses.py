@@ -139,11 +139,11 @@ def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
 
 
 @torch.no_grad()
-def mean_pairwise_cosine(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cosine between the different sentences of a batch, each mean-pooled over its real
-    tokens: (B, T, D) -> fp32 scalar. Near 1 means every sentence has the same representation
-    (a collapsed student); 0 for a batch of one. A monitoring signal, not a loss."""
-    z = F.normalize(pool(hidden, attention_mask, "mean"), dim=-1, eps=NORM_EPS)  # (B, D)
+def mean_pairwise_cosine(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Mean cosine between the different sentences of a batch, each pooled over its real tokens
+    (``pool``; mean by default): (B, T, D) -> fp32 scalar. Near 1 means every sentence has the
+    same representation (a collapsed student); 0 for a batch of one. A monitoring signal, not a loss."""
+    z = F.normalize(pool(hidden, attention_mask, mode), dim=-1, eps=NORM_EPS)  # (B, F)
     b = z.shape[0]
     if b < 2:
         return z.new_zeros(())
