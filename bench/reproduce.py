@@ -101,6 +101,10 @@ ROWS = {
                          "glue", "general", ("--perturb", "true", "--perturb_mode", "replace", "--epsilon", "0.003")),
     "mean_pooling": Row("general student, COS-NCE on mean-pooled layer outputs (flatten by default)", "glue",
                         "general", ("--pooling", "mean")),
+    "pred_ramp": Row("general student, the prediction-layer weights raised from 0 over the first 25% of the steps "
+                     "(not in the paper)", "glue", "general", ("--prediction_ramp", "0.25")),
+    "lrc_bert1_ramp": Row("random init, the prediction-layer weights raised from 0 over the first 25% of the steps "
+                          "(not in the paper)", "glue", flags=("--prediction_ramp", "0.25")),
     "two_stage": Row("general student, the paper's two-stage schedule (80% of the steps COS-NCE alone)", "glue",
                      "general", ("--stage1_fraction", "0.8"), curve=True),
 }

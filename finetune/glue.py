@@ -74,6 +74,8 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
                                   "first step, measured better at small budgets: docs/METHOD_NOTES.md)", 0.0)
     stage1_weights: str = flag("alpha:beta:gamma in stage 1", "1:0:0")
     stage2_weights: str = flag("alpha:beta:gamma in stage 2", "1:1:3")
+    prediction_ramp: float = flag("raise beta and gamma linearly from 0 over this fraction of stage 2's steps "
+                                  "(alpha unchanged; not in the paper; 0 = off)", 0.0)
     intermediate: str = flag("intermediate-layer loss: cos_nce, mse (TinyBERT-style ablation) or none",
                              "cos_nce", choices=INTERMEDIATE_LOSSES)
     negatives: str = flag("negative source: other rows of the global batch", "batch", choices=["batch"])
@@ -101,6 +103,9 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
                                 "on regression tasks (STS-B)", None)
 
     def __post_init__(self):
+        if not 0.0 <= self.prediction_ramp <= 1.0:
+            raise UserError(f"--prediction_ramp must be in [0, 1] (a fraction of stage 2's steps), "
+                            f"got {self.prediction_ramp}")
         if self.perturb is None:
             self.perturb = not glue.get_task(self.task).is_regression
             changed = [f"--{k} {getattr(self, k)}" for k in PERTURBATION_FLAGS[1:]
@@ -121,7 +126,7 @@ RUN_CONTROL = frozenset({
 DISTILL_ONLY = frozenset({
     "student", "student_layers", "student_hidden", "student_intermediate", "student_heads", "pooling", "perturb",
     "epsilon", "epsilon_relative", "perturb_mode", "layer_map", "stage1_fraction", "stage1_weights", "stage2_weights",
-    "intermediate", "negatives", "num_negatives", "temperature", "lr_schedule"})
+    "prediction_ramp", "intermediate", "negatives", "num_negatives", "temperature", "lr_schedule"})
 
 
 def check_same_perturbation(saved: dict, args: GlueArgs) -> None:
@@ -365,7 +370,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     # ---- engine
     schedule = TwoStageSchedule(p.total_steps, args.stage1_fraction,
                                 parse_weights(args.stage1_weights, "--stage1_weights"),
-                                parse_weights(args.stage2_weights, "--stage2_weights"))
+                                parse_weights(args.stage2_weights, "--stage2_weights"), args.prediction_ramp)
     optimizer = build_optimizer(module, args.learning_rate, args.weight_decay)
     if distill and args.lr_schedule == "per_stage":
         lr_schedule = two_stage_lr(args.warmup, p.total_steps, schedule.stage2_start)

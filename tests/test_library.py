@@ -58,6 +58,23 @@ def test_two_stage_schedule_80_20():
         parse_weights("1:1", "--stage2_weights")
 
 
+def test_prediction_ramp_raises_beta_gamma_linearly_and_keeps_alpha():
+    ramp = TwoStageSchedule(100, stage1_fraction=0.0, prediction_ramp=0.25)
+    assert ramp.ramp_steps == 25
+    assert ramp.weights(0) == LossWeights(1, 1 / 25, 3 / 25)
+    mid = ramp.weights(12)
+    assert mid.alpha == 1 and mid.beta == pytest.approx(13 / 25) and mid.gamma == pytest.approx(39 / 25)
+    assert ramp.weights(24) == LossWeights(1, 1, 3) == ramp.weights(99)
+    # with two stages the ramp spans stage 2's own steps, and stage 1 is untouched
+    two = TwoStageSchedule(100, stage1_fraction=0.8, prediction_ramp=0.5)
+    assert two.weights(79) == LossWeights(1, 0, 0)
+    assert two.weights(80) == LossWeights(1, 0.1, pytest.approx(0.3))
+    assert two.weights(89) == LossWeights(1, 1, 3)
+    assert TwoStageSchedule(100, 0.0).weights(0) == LossWeights(1, 1, 3)  # off by default
+    with pytest.raises(UserError, match="--prediction_ramp"):
+        TwoStageSchedule(100, 0.0, prediction_ramp=1.5)
+
+
 def test_warmup_linear_decay():
     f = warmup_linear_decay(2, 10)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]

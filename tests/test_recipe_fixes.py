@@ -154,6 +154,19 @@ def test_the_task_stage_perturbs_classification_but_not_regression_by_default():
     assert args("sst2", "--epsilon", "0.003").perturbation.epsilon == 0.003
 
 
+def test_prediction_ramp_flag_is_checked_before_training_and_reaches_args_json():
+    from finetune.glue import GlueArgs, effective_flags
+    from lrcbert.config import parse_args
+
+    def args(*extra):
+        return parse_args(GlueArgs, ["--task", "cola", "--teacher", "t", "--output_dir", "o", *extra])
+
+    assert args().prediction_ramp == 0.0
+    assert effective_flags(args("--prediction_ramp", "0.25"))["prediction_ramp"] == 0.25
+    with pytest.raises(UserError, match="--prediction_ramp must be in"):
+        args("--prediction_ramp", "-0.1")
+
+
 # ---------------------------------------------------------------- per-rank dropout
 
 def test_each_rank_draws_its_own_dropout():

@@ -33,10 +33,13 @@ class TwoStageSchedule:
     stage1_fraction: float = 0.8
     stage1: LossWeights = LossWeights(1.0, 0.0, 0.0)
     stage2: LossWeights = LossWeights(1.0, 1.0, 3.0)
+    prediction_ramp: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.stage1_fraction <= 1.0:
             raise UserError(f"--stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
+        if not 0.0 <= self.prediction_ramp <= 1.0:
+            raise UserError(f"--prediction_ramp must be in [0, 1], got {self.prediction_ramp}")
 
     @property
     def stage2_start(self) -> int:
@@ -46,8 +49,18 @@ class TwoStageSchedule:
         """1 or 2 for the 0-based optimizer step about to be taken."""
         return 1 if step < self.stage2_start else 2
 
+    @property
+    def ramp_steps(self) -> int:
+        return int(round((self.total_steps - self.stage2_start) * self.prediction_ramp))
+
     def weights(self, step: int) -> LossWeights:
-        return self.stage1 if self.stage(step) == 1 else self.stage2
+        if self.stage(step) == 1:
+            return self.stage1
+        into = step - self.stage2_start + 1  # 1 on stage 2's first step
+        if into >= self.ramp_steps:
+            return self.stage2
+        f = into / self.ramp_steps
+        return LossWeights(self.stage2.alpha, self.stage2.beta * f, self.stage2.gamma * f)
 
 
 def warmup_linear_decay(warmup_steps: int, total_steps: int):
