@@ -105,6 +105,10 @@ ROWS = {
                      "(not in the paper)", "glue", "general", ("--prediction_ramp", "0.25")),
     "lrc_bert1_ramp": Row("random init, the prediction-layer weights raised from 0 over the first 25% of the steps "
                           "(not in the paper)", "glue", flags=("--prediction_ramp", "0.25")),
+    "centered": Row("general student, centered COS-NCE (the push weighs as much as the pull; not in the paper)",
+                    "glue", "general", ("--cos_nce_form", "centered")),
+    "lrc_bert1_centered": Row("random init, centered COS-NCE (not in the paper)", "glue",
+                              flags=("--cos_nce_form", "centered")),
     "two_stage": Row("general student, the paper's two-stage schedule (80% of the steps COS-NCE alone)", "glue",
                      "general", ("--stage1_fraction", "0.8"), curve=True),
 }

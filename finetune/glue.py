@@ -32,7 +32,7 @@ from lrcbert.data.text import load_tokenizer  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.flags import GlueStudentFlags, SharedFlags  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
-from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
+from lrcbert.method.losses import COS_NCE_FORMS, LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
 from lrcbert.method.objective import INTERMEDIATE_LOSSES, LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.method.perturb import PERTURB_MODES  # noqa: E402
@@ -78,6 +78,9 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
                                   "(alpha unchanged; not in the paper; 0 = off)", 0.0)
     intermediate: str = flag("intermediate-layer loss: cos_nce, mse (TinyBERT-style ablation) or none",
                              "cos_nce", choices=INTERMEDIATE_LOSSES)
+    cos_nce_form: str = flag("paper: COS-NCE as the paper writes it (pull 3x the push); centered: the push weighs as "
+                             "much as the pull, so mapping every input to one vector gains nothing (not in the "
+                             "paper; docs/METHOD_NOTES.md)", "paper", choices=list(COS_NCE_FORMS))
     negatives: str = flag("negative source: other rows of the global batch", "batch", choices=["batch"])
     num_negatives: int = flag("K negatives per sample (capped at global batch - 1)", 15)
     teacher_gate: bool = flag("score the teacher on dev first and refuse one at chance level", True)
@@ -126,7 +129,7 @@ RUN_CONTROL = frozenset({
 DISTILL_ONLY = frozenset({
     "student", "student_layers", "student_hidden", "student_intermediate", "student_heads", "pooling", "perturb",
     "epsilon", "epsilon_relative", "perturb_mode", "layer_map", "stage1_fraction", "stage1_weights", "stage2_weights",
-    "prediction_ramp", "intermediate", "negatives", "num_negatives", "temperature", "lr_schedule"})
+    "prediction_ramp", "intermediate", "cos_nce_form", "negatives", "num_negatives", "temperature", "lr_schedule"})
 
 
 def check_same_perturbation(saved: dict, args: GlueArgs) -> None:
@@ -155,7 +158,7 @@ def effective_flags(args: GlueArgs) -> dict:
         if not args.perturb:
             inert |= {"epsilon", "epsilon_relative", "perturb_mode"}
         if args.intermediate != "cos_nce":
-            inert |= {"pooling", "negatives", "num_negatives"}
+            inert |= {"pooling", "negatives", "num_negatives", "cos_nce_form"}
         if args.intermediate == "none":
             inert.add("layer_map")
         if args.stage1_fraction == 0:
@@ -389,7 +392,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
             print(f"resumed from step {engine.global_steps} ({micro_step} micro-batches consumed)")
 
     objective = LRCObjective(p.layer_map, ObjectiveConfig(args.pooling, args.intermediate, args.num_negatives,
-                                                          args.temperature, task.is_regression))
+                                                          args.temperature, task.is_regression, args.cos_nce_form))
     monitor = Monitor(os.path.join(args.output_dir, "tensorboard"), p.total_steps, engine.global_steps, run.is_main,
                       desc=f"{args.stage} {task.name}")
     student_fwd = lambda b: engine(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0]  # noqa: E731

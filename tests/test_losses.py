@@ -77,6 +77,35 @@ def test_cos_nce_from_vectors_matches_explicit_formula():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_centered_cos_nce_hand_value_and_no_gain_from_the_mean_direction():
+    # g_pos = 0.5, negatives g = 1.2 and 1.8 (K = 2): L = 1 + 1.5 * (0.5 - 1.5) = -0.5
+    loss = losses.cos_nce(torch.tensor([0.5]), torch.tensor([3.0]), 2, form="centered")
+    assert torch.allclose(loss, torch.tensor(-0.5))
+    # teacher vectors sharing a mean direction; a student that gives every input one vector,
+    # scored with every other row as its negatives (K = B - 1)
+    torch.manual_seed(0)
+    b = 8
+    teacher = torch.randn(b, 16) + 3.0 * torch.randn(16)
+    others = torch.stack([torch.cat([teacher[:i], teacher[i + 1:]]) for i in range(b)])  # (B, B-1, F)
+
+    def constant_student(z, form):
+        z_s = z.expand(b, -1)
+        neg = losses.angular_distance(others, z_s.unsqueeze(1)).sum(1)
+        return float(losses.cos_nce(losses.angular_distance(teacher, z_s), neg, b - 1, form=form))
+
+    mean_dir, random_dir = teacher.mean(0), torch.randn(16)
+    # the paper's form rewards the collapsed student for pointing at the teacher's mean ...
+    assert constant_student(mean_dir, "paper") < constant_student(random_dir, "paper") - 0.3
+    # ... the centered form charges it 1 wherever it points
+    assert constant_student(mean_dir, "centered") == pytest.approx(1.0, abs=1e-5)
+    assert constant_student(random_dir, "centered") == pytest.approx(1.0, abs=1e-5)
+    # telling inputs apart is what lowers it: the student equal to the teacher
+    neg = losses.angular_distance(others, teacher.unsqueeze(1)).sum(1)
+    assert float(losses.cos_nce(torch.zeros(b), neg, b - 1, form="centered")) < 0.9
+    with pytest.raises(ValueError, match="form"):
+        losses.cos_nce(torch.tensor([0.5]), torch.tensor([3.0]), 2, form="softmax")
+
+
 def test_cos_nce_valid_mask_averages_valid_rows_only():
     loss = losses.cos_nce(torch.tensor([0.5, 0.0]), torch.tensor([3.0, 0.0]), 2, valid=torch.tensor([True, False]))
     assert torch.allclose(loss, torch.tensor(1.0))

@@ -165,6 +165,8 @@ def test_prediction_ramp_flag_is_checked_before_training_and_reaches_args_json()
     assert effective_flags(args("--prediction_ramp", "0.25"))["prediction_ramp"] == 0.25
     with pytest.raises(UserError, match="--prediction_ramp must be in"):
         args("--prediction_ramp", "-0.1")
+    assert args().cos_nce_form == "paper" and effective_flags(args("--cos_nce_form", "centered"))["cos_nce_form"] == "centered"
+    assert "cos_nce_form" not in effective_flags(args("--intermediate", "none"))  # inert without COS-NCE
 
 
 # ---------------------------------------------------------------- per-rank dropout

@@ -101,6 +101,7 @@ def test_quick_quality_table_every_row(tmp_path):
     assert args_of["two_stage"]["stage1_fraction"] == 0.8 and args_of["lrc_bert"]["stage1_fraction"] == 0
     assert args_of["mean_pooling"]["pooling"] == "mean" and args_of["lrc_bert"]["pooling"] == "flatten"
     assert args_of["pred_ramp"]["prediction_ramp"] == 0.25 and args_of["lrc_bert"]["prediction_ramp"] == 0
+    assert args_of["centered"]["cos_nce_form"] == "centered" and args_of["lrc_bert"]["cos_nce_form"] == "paper"
     assert args_of["plain_ft"]["stage2_weights"] == "0:0:1"
 
 
@@ -135,6 +136,8 @@ def test_every_row_command_parses_and_differs_only_by_its_flags(tmp_path):
     assert seen["mean_pooling"].pooling == "mean" and lrc.pooling == "flatten"
     assert seen["pred_ramp"].prediction_ramp == 0.25 and seen["lrc_bert1_ramp"].prediction_ramp == 0.25
     assert lrc.prediction_ramp == 0 and seen["lrc_bert1_ramp"].student is None
+    assert seen["centered"].cos_nce_form == "centered" and lrc.cos_nce_form == "paper"
+    assert seen["lrc_bert1_centered"].cos_nce_form == "centered" and seen["lrc_bert1_centered"].student is None
     for plain in ("plain_ft", "plain_ft_general"):
         assert seen[plain].stage2_weights == "0:0:1" and not seen[plain].perturb and seen[plain].intermediate == "none"
 

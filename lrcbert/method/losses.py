@@ -62,11 +62,15 @@ def pairwise_angular_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1.0 - xn @ yn.T
 
 
+COS_NCE_FORMS = ("paper", "centered")
+
+
 def cos_nce(
     pos_distance: torch.Tensor,
     neg_distance_sum: torch.Tensor,
     num_negatives: int,
     valid: torch.Tensor | None = None,
+    form: str = "paper",
 ) -> torch.Tensor:
     """COS-NCE for one mapped layer, averaged over valid samples.
 
@@ -75,21 +79,36 @@ def cos_nce(
     negative distances is needed, so negative sources (batch or memory bank) hand in
     ``neg_distance_sum``.
 
+    In cosines the paper's form is ``2 - 1.5 cos(z_T, z_S) + 0.5 mean_k cos(n_k, z_S)``: the
+    pull weighs three times the push, so a student that maps every input to the teacher's mean
+    direction already pays less than a random one (docs/METHOD_NOTES.md, "What the collapse
+    watch shows on CoLA"). ``form="centered"`` (not in the paper) keeps the pull and gives the
+    push the same weight, ``L = 1 + 1.5 (g_pos - mean_k g_neg_k)``: a student that gives every
+    input one vector then pays 1 in expectation wherever that vector points, and only telling
+    inputs apart lowers the loss. Both stay linear in the negatives, so a source still hands
+    in only their sum.
+
     Args:
         pos_distance: (B,) g(z_T, z_S).
         neg_distance_sum: (B,) sum over the K negatives of g(n_k, z_S).
         num_negatives: K >= 1.
         valid: optional (B,) bool; samples with an all-padding input are excluded.
+        form: ``paper`` or ``centered`` (above).
 
     Returns:
         Scalar fp32 mean over valid samples; 0 (still differentiable) if none is valid.
     """
     if num_negatives < 1:
         raise ValueError("COS-NCE needs at least one negative")
+    if form not in COS_NCE_FORMS:
+        raise ValueError(f"COS-NCE form must be one of {COS_NCE_FORMS}, got {form!r}")
     k = float(num_negatives)
     pos = pos_distance.to(torch.float32)
     neg_sum = neg_distance_sum.to(torch.float32)
-    per_sample = pos + (2.0 * k - (neg_sum - k * pos)) / (2.0 * k)  # (B,)
+    if form == "paper":
+        per_sample = pos + (2.0 * k - (neg_sum - k * pos)) / (2.0 * k)  # (B,)
+    else:
+        per_sample = 1.0 + 1.5 * (pos - neg_sum / k)
     if valid is None:
         return per_sample.mean()
     weights = valid.to(torch.float32)

@@ -35,6 +35,7 @@ class ObjectiveConfig:
     num_negatives: int = 15
     temperature: float = 1.1
     regression: bool = False
+    cos_nce_form: str = "paper"  # paper | centered (losses.cos_nce)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class LRCObjective:
             if k == 0:  # no negative available (global batch of 1): pull term only
                 out.append((pos * valid).sum() / valid.sum().clamp_min(1))
             else:
-                out.append(losses.cos_nce(pos, neg_sums[i], k, valid))
+                out.append(losses.cos_nce(pos, neg_sums[i], k, valid, cfg.cos_nce_form))
         return out
 
     # ------------------------------------------------------------------ the loss step
