@@ -41,9 +41,9 @@ GLUE_TASKS = {"sst2": "SST-2", "cola": "CoLA", "stsb": "STS-B", "mrpc": "MRPC", 
 EXAMPLES_PER_DOCUMENT = 16
 
 SETTING = dict(max_steps=1000, micro_batch_size=32, learning_rate=5e-4, warmup=0.05, seq=64, ranks=2,
-               num_negatives=15, bank_size=1024, save_steps=250)
+               num_negatives=15, bank_size=1024, save_steps=250, cos_nce_form="paper")
 QUICK = dict(max_steps=4, micro_batch_size=4, learning_rate=5e-4, warmup=0.25, seq=32, ranks=1,
-             num_negatives=3, bank_size=16, save_steps=0)
+             num_negatives=3, bank_size=16, save_steps=0, cos_nce_form="paper")
 
 
 def default_teacher() -> str | None:
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
                "--max_steps", str(args.max_steps), "--micro_batch_size", str(args.micro_batch_size),
                "--learning_rate", str(args.learning_rate), "--warmup", str(args.warmup),
                "--max_seq_length", str(args.seq), "--num_negatives", str(args.num_negatives),
-               "--bank_size", str(args.bank_size), "--save_steps", str(args.save_steps), "--keep_checkpoints", "1",
+               "--bank_size", str(args.bank_size), "--cos_nce_form", args.cos_nce_form,
+               "--save_steps", str(args.save_steps), "--keep_checkpoints", "1",
                "--student_layers", str(args.student_layers), "--student_hidden", str(args.student_hidden),
                "--student_intermediate", str(args.student_intermediate), "--student_heads", str(args.student_heads)]
         cmd += ["--resume", "true"] if resume else (["--overwrite_output_dir", "true"] if run_dir.exists() else [])

@@ -32,7 +32,7 @@ from lrcbert.data.text import load_tokenizer  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
 from lrcbert.flags import GlueStudentFlags, SharedFlags  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
-from lrcbert.method.losses import COS_NCE_FORMS, LossWeights, hard_loss  # noqa: E402
+from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
 from lrcbert.method.objective import INTERMEDIATE_LOSSES, LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.method.perturb import PERTURB_MODES  # noqa: E402
@@ -78,9 +78,6 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
                                   "(alpha unchanged; not in the paper; 0 = off)", 0.0)
     intermediate: str = flag("intermediate-layer loss: cos_nce, mse (TinyBERT-style ablation) or none",
                              "cos_nce", choices=INTERMEDIATE_LOSSES)
-    cos_nce_form: str = flag("paper: COS-NCE as the paper writes it (pull 3x the push); centered: the push weighs as "
-                             "much as the pull, so mapping every input to one vector gains nothing (not in the "
-                             "paper; docs/METHOD_NOTES.md)", "paper", choices=list(COS_NCE_FORMS))
     negatives: str = flag("negative source: other rows of the global batch", "batch", choices=["batch"])
     num_negatives: int = flag("K negatives per sample (capped at global batch - 1)", 15)
     teacher_gate: bool = flag("score the teacher on dev first and refuse one at chance level", True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lrcbert.config import flag
 from lrcbert.errors import UserError
-from lrcbert.method.losses import POOLING_MODES
+from lrcbert.method.losses import COS_NCE_FORMS, POOLING_MODES
 from lrcbert.method.perturb import EPSILON_DEFAULT, PERTURB_MODES, PerturbConfig
 from lrcbert.models import StudentShape
 
@@ -56,6 +56,9 @@ class SharedFlags(StudentFlags):
     gradient_accumulation_steps: int = flag("micro-steps per optimizer step", 1)
     # the LRC-BERT objective
     pooling: str = flag("pooling of layer outputs for COS-NCE", "flatten", choices=POOLING_MODES)
+    cos_nce_form: str = flag("paper: COS-NCE as the paper writes it (the pull weighs 3x the push); centered: the push "
+                             "weighs as much as the pull, so mapping every input to one vector gains nothing (not "
+                             "in the paper; docs/METHOD_NOTES.md)", "paper", choices=list(COS_NCE_FORMS))
     perturb: bool = flag("gradient perturbation on the student's embedding output", True)
     epsilon: float = flag("perturbation radius: a share of each sample's embedding norm over its real tokens "
                           "(with --epsilon_relative false: the L2 norm of the shift over (T, D))", EPSILON_DEFAULT)

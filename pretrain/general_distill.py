@@ -315,7 +315,8 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
         if run.is_main:
             print(f"resumed from step {engine.global_steps} (world {state.get('world_size')} -> {run.world})")
 
-    objective = LRCObjective(p.layer_map, ObjectiveConfig(args.pooling, "cos_nce", args.num_negatives))
+    objective = LRCObjective(p.layer_map, ObjectiveConfig(args.pooling, "cos_nce", args.num_negatives,
+                                                          cos_nce_form=args.cos_nce_form))
     monitor = Monitor(os.path.join(args.output_dir, "tensorboard"), p.total_steps, engine.global_steps, run.is_main,
                       desc="general distillation")
 
