@@ -36,14 +36,15 @@ from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
 from lrcbert.method.objective import INTERMEDIATE_LOSSES, LRCObjective, ObjectiveConfig  # noqa: E402
 from lrcbert.method.perturb import PERTURB_MODES  # noqa: E402
-from lrcbert.method.schedule import (TwoStageSchedule, parse_weights, two_stage_lr,  # noqa: E402
-                                     warmup_linear_decay, warmup_steps_from)
+from lrcbert.method.schedule import (TwoStageSchedule, two_stage_lr, warmup_linear_decay,  # noqa: E402
+                                     warmup_steps_from)
 from lrcbert.models import (DistillStudent, build_student, check_positions, check_teacher_labels,  # noqa: E402
                             count_parameters, export_hf, init_regression_head, load_config, load_teacher,
                             student_config_for)
 from lrcbert.model_card import command_line, write_model_card  # noqa: E402
 from lrcbert.monitor import Monitor  # noqa: E402
-from lrcbert.runtime.checkpoints import check_output_dir, resume_layout, resumed_micro_step  # noqa: E402
+from lrcbert.runtime.checkpoints import (check_output_dir, check_resumed_flags, resume_layout,  # noqa: E402
+                                         resumed_micro_step)
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
                                        resolve_ds_config)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
@@ -103,9 +104,8 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
                                 "on regression tasks (STS-B)", None)
 
     def __post_init__(self):
-        if not 0.0 <= self.prediction_ramp <= 1.0:
-            raise UserError(f"--prediction_ramp must be in [0, 1] (a fraction of stage 2's steps), "
-                            f"got {self.prediction_ramp}")
+        # the loss schedule's flags fail here, before any data, model or process group
+        TwoStageSchedule.from_flags(0, self)
         if self.perturb is None:
             self.perturb = not glue.get_task(self.task).is_regression
             changed = [f"--{k} {getattr(self, k)}" for k in PERTURBATION_FLAGS[1:]
@@ -136,10 +136,7 @@ def check_same_perturbation(saved: dict, args: GlueArgs) -> None:
     known = {k: v for k, v in saved.items() if k in GlueArgs.__dataclass_fields__}
     before = {k: v for k, v in effective_flags(GlueArgs(**known)).items() if k in PERTURBATION_FLAGS}
     now = {k: v for k, v in effective_flags(args).items() if k in PERTURBATION_FLAGS}
-    if before != now:
-        said = " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in before.items())
-        raise UserError(f"--resume: the checkpoint was trained with {said or '--perturb false'}; "
-                        "pass the same to resume it (or start a new run)")
+    check_resumed_flags(before, now)
 
 
 def effective_flags(args: GlueArgs) -> dict:
@@ -368,9 +365,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     teacher_results = gate_teacher(run, task, teacher, p.encoded, args, pad_id) if distill else None
 
     # ---- engine
-    schedule = TwoStageSchedule(p.total_steps, args.stage1_fraction,
-                                parse_weights(args.stage1_weights, "--stage1_weights"),
-                                parse_weights(args.stage2_weights, "--stage2_weights"), args.prediction_ramp)
+    schedule = TwoStageSchedule.from_flags(p.total_steps, args)
     optimizer = build_optimizer(module, args.learning_rate, args.weight_decay)
     if distill and args.lr_schedule == "per_stage":
         lr_schedule = two_stage_lr(args.warmup, p.total_steps, schedule.stage2_start)
@@ -382,8 +377,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
     micro_step = 0
     if args.resume:
         # a global batch is a fixed span of the epoch's permutation whatever the layout: only the count converts
-        saved = run.resume(engine)
-        check_same_perturbation(saved["args"], args)  # before any step: the checkpoint is left as it is
+        saved = run.resume(engine, check=lambda state: check_same_perturbation(state["args"], args))
         micro_step = resumed_micro_step(saved, args.gradient_accumulation_steps)
         if run.is_main:
             print(f"resumed from step {engine.global_steps} ({micro_step} micro-batches consumed)")

@@ -73,7 +73,8 @@ from lrcbert.models import (DistillStudent, build_student, check_positions, coun
                             load_config, load_teacher, student_config_for)
 from lrcbert.model_card import command_line, write_model_card  # noqa: E402
 from lrcbert.monitor import Monitor  # noqa: E402
-from lrcbert.runtime.checkpoints import check_output_dir, resume_layout, resumed_micro_step  # noqa: E402
+from lrcbert.runtime.checkpoints import (check_output_dir, check_resumed_flags, resume_layout,  # noqa: E402
+                                         resumed_micro_step)
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
                                        resolve_ds_config)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
@@ -227,6 +228,31 @@ def load_bank(bank: MemoryBank, files: list[str], rank: int, world: int) -> None
     bank.load_state_dict(shard)
 
 
+# flags that decide what a checkpoint was trained on, beyond its shapes: a resume must keep them
+SAME_ON_RESUME = ("max_seq_length", "layer_map", "pooling", "cos_nce_form", "negatives", "num_negatives",
+                  "perturb", "epsilon", "epsilon_relative", "perturb_mode")
+
+
+def check_same_objective(saved: dict, args: PretrainArgs, layer_map: list, student_layers: int,
+                         teacher_layers: int) -> None:
+    """The resumed run trains on the checkpoint's objective: COS-NCE form, pooling, negatives,
+    layer map (compared as parsed, so "auto" equals the map it stands for), sequence length and
+    perturbation. A checkpoint saved before a flag existed trained with that flag's default."""
+    fields = PretrainArgs.__dataclass_fields__
+
+    def objective(values: dict) -> dict:
+        out = {k: values.get(k, fields[k].default) for k in SAME_ON_RESUME}
+        if not out["perturb"]:
+            for k in ("epsilon", "epsilon_relative", "perturb_mode"):
+                del out[k]
+        return out
+
+    before, now = objective(saved), objective(asdict(args))
+    if parse_layer_map(before["layer_map"], student_layers, teacher_layers) == layer_map:
+        before["layer_map"] = now["layer_map"]
+    check_resumed_flags(before, now)
+
+
 def forever(batches: RankBatches):
     """This rank's micro-batches, epoch after epoch (the position lives in ``batches``)."""
     while True:
@@ -307,7 +333,8 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
     run.seed_dropout(args.seed)
     micro_step = 0
     if args.resume:
-        state = run.resume(engine)
+        state = run.resume(engine, check=lambda saved: check_same_objective(
+            saved["args"], args, p.layer_map, p.student_cfg.num_hidden_layers, p.teacher_cfg.num_hidden_layers))
         micro_step = resumed_micro_step(state, args.gradient_accumulation_steps)
         batches.load_state_dict(data_position(state, global_micro_batch, len(batches)))
         if bank is not None:

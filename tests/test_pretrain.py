@@ -190,6 +190,13 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus, tmp_path):
     assert "continue with --resume" in (out / guards.PREEMPTED).read_text()
     step = int((out / "checkpoints" / "latest").read_text().split("-")[1])
     assert 1 <= step < 1000 and not (out / "model").exists()
+    # a resume under another COS-NCE form is refused before any step: checkpoint and marker stay
+    [(proc, log)] = env_launch("pretrain/general_distill.py", [*args, "--resume", "--cos_nce_form", "centered"],
+                               1, tmp_path)
+    assert proc.wait(timeout=120) != 0
+    log.close()
+    assert "the checkpoint was trained with --cos_nce_form paper" in (tmp_path / "rank0.log").read_text()
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{step:07d}" and (out / guards.PREEMPTED).exists()
     # the requeued job: --resume continues after that step and clears the marker
     [(proc, log)] = env_launch("pretrain/general_distill.py", [*args, "--resume", "--stop_after_steps", str(step + 1)],
                                1, tmp_path)
@@ -333,6 +340,32 @@ def test_bank_is_resharded_when_the_world_size_changes(tmp_path):
     assert torch.equal(half.vectors, one.vectors[:, 4:])  # group 1 lives on rank 1
     with pytest.raises(UserError, match="world size must divide --bank_groups"):
         gd.load_bank(MemoryBank(2, 8, 6, rank=0, world_size=4, dtype=torch.float32, seed=3, groups=4), files, 0, 4)
+
+
+def test_resume_keeps_the_checkpoints_objective():
+    """COS-NCE form, pooling, negatives, layer map and perturbation must match the checkpoint's
+    saved arguments; a checkpoint from before a flag existed trained with its default."""
+    from dataclasses import asdict
+
+    def args(*extra):
+        return gd.parse_flags(["--teacher", "t", "--corpus", "c", "--output_dir", "o", *extra])
+
+    auto = [(1, 3), (2, 6)]  # what "auto" stands for with 2 student and 6 teacher layers
+    saved = asdict(args())
+    gd.check_same_objective(saved, args(), auto, 2, 6)
+    gd.check_same_objective(saved, args("--layer_map", "3,6"), auto, 2, 6)  # the same map, spelled out
+    with pytest.raises(UserError, match="trained with --cos_nce_form paper; pass the same"):
+        gd.check_same_objective(saved, args("--cos_nce_form", "centered"), auto, 2, 6)
+    with pytest.raises(UserError, match="trained with --layer_map auto"):
+        gd.check_same_objective(saved, args("--layer_map", "2,4"), [(1, 2), (2, 4)], 2, 6)
+    with pytest.raises(UserError, match="--pooling flatten --num_negatives 15"):
+        gd.check_same_objective(saved, args("--pooling", "mean", "--num_negatives", "7"), auto, 2, 6)
+    with pytest.raises(UserError, match="--perturb true --epsilon"):
+        gd.check_same_objective(saved, args("--perturb", "false"), auto, 2, 6)
+    older = {k: v for k, v in saved.items() if k != "cos_nce_form"}  # saved before the flag existed
+    gd.check_same_objective(older, args(), auto, 2, 6)
+    with pytest.raises(UserError, match="--cos_nce_form paper"):
+        gd.check_same_objective(older, args("--cos_nce_form", "centered"), auto, 2, 6)
 
 
 def test_data_position_follows_a_new_global_batch():

@@ -154,7 +154,7 @@ def test_the_task_stage_perturbs_classification_but_not_regression_by_default():
     assert args("sst2", "--epsilon", "0.003").perturbation.epsilon == 0.003
 
 
-def test_prediction_ramp_flag_is_checked_before_training_and_reaches_args_json():
+def test_loss_schedule_flags_are_checked_before_training_and_reach_args_json():
     from finetune.glue import GlueArgs, effective_flags
     from lrcbert.config import parse_args
 
@@ -165,6 +165,13 @@ def test_prediction_ramp_flag_is_checked_before_training_and_reaches_args_json()
     assert effective_flags(args("--prediction_ramp", "0.25"))["prediction_ramp"] == 0.25
     with pytest.raises(UserError, match="--prediction_ramp must be in"):
         args("--prediction_ramp", "-0.1")
+    # every flag of the loss schedule fails at parse time, before data, models or process groups
+    with pytest.raises(UserError, match=r"--stage1_fraction must be in \[0, 1\] \(a fraction of the steps\), got 1.5"):
+        args("--stage1_fraction", "1.5")
+    with pytest.raises(UserError, match="--stage2_weights must be alpha:beta:gamma"):
+        args("--stage2_weights", "1:3")
+    with pytest.raises(UserError, match="--stage1_weights weights must be non-negative"):
+        args("--stage1_weights", "1:-1:0")
     assert args().cos_nce_form == "paper" and effective_flags(args("--cos_nce_form", "centered"))["cos_nce_form"] == "centered"
     assert "cos_nce_form" not in effective_flags(args("--intermediate", "none"))  # inert without COS-NCE
 

@@ -20,6 +20,12 @@ def parse_weights(spec: str, flag: str) -> LossWeights:
     return LossWeights(a, b, c)
 
 
+def check_fraction(flag: str, value: float, meaning: str = "") -> None:
+    """UserError unless ``value`` is a fraction in [0, 1] (``meaning`` says of what)."""
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"{flag} must be in [0, 1]{f' ({meaning})' if meaning else ''}, got {value}")
+
+
 @dataclass(frozen=True)
 class TwoStageSchedule:
     """alpha:beta:gamma by optimizer step.
@@ -36,10 +42,15 @@ class TwoStageSchedule:
     prediction_ramp: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.stage1_fraction <= 1.0:
-            raise UserError(f"--stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
-        if not 0.0 <= self.prediction_ramp <= 1.0:
-            raise UserError(f"--prediction_ramp must be in [0, 1], got {self.prediction_ramp}")
+        check_fraction("--stage1_fraction", self.stage1_fraction, "a fraction of the steps")
+        check_fraction("--prediction_ramp", self.prediction_ramp, "a fraction of stage 2's steps")
+
+    @classmethod
+    def from_flags(cls, total_steps: int, flags) -> "TwoStageSchedule":
+        """From ``--stage1_fraction``, ``--stage1_weights``, ``--stage2_weights`` and
+        ``--prediction_ramp`` (UserError naming a bad one)."""
+        return cls(total_steps, flags.stage1_fraction, parse_weights(flags.stage1_weights, "--stage1_weights"),
+                   parse_weights(flags.stage2_weights, "--stage2_weights"), flags.prediction_ramp)
 
     @property
     def stage2_start(self) -> int:

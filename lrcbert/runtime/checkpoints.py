@@ -243,6 +243,18 @@ def resume_layout(args, world: int, rank: int) -> ElasticResume | None:
     return elastic
 
 
+def check_resumed_flags(before: dict, now: dict) -> None:
+    """A resumed run must train as it did before the stop. ``before``: the checkpoint's values of
+    the flags that decide that (its saved arguments), ``now``: this command's, each without the
+    flags its other settings make inert. UserError naming the checkpoint's values to pass."""
+    if before == now:
+        return
+    changed = {k: v for k, v in before.items() if k not in now or now[k] != v} or before
+    said = " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items())
+    raise UserError(f"--resume: the checkpoint was trained with {said}; pass the same to resume it "
+                    "(or start a new run)")
+
+
 def resumed_micro_step(state: dict, accumulation: int) -> int:
     """The saved micro-step count in this run's accumulation (checkpoints fall on optimizer steps)."""
     saved = int(state["args"].get("gradient_accumulation_steps", accumulation))

@@ -132,9 +132,13 @@ class Run:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.output_dir, "checkpoints")
 
-    def resume(self, engine: Engine) -> dict:
-        """Load the newest checkpoint into ``engine``; returns its client state (see ``Engine.load``)."""
+    def resume(self, engine: Engine, check=None) -> dict:
+        """Load the newest checkpoint into ``engine``; returns its client state (see ``Engine.load``).
+        ``check(state)`` may refuse the resume (UserError) before the run counts as resumed: the
+        checkpoint and a preemption mark are then left as they were."""
         state = engine.load(self.checkpoint_dir)
+        if check is not None:
+            check(state)
         if self.is_main:
             Preemption.clear_mark(self.output_dir)  # the run has resumed: it is no longer a preempted one
         return state
