@@ -30,7 +30,7 @@ from lrcbert.data import glue, glue_metrics  # noqa: E402
 from lrcbert.data.batches import Encoded, TrainOrder, collate, encode, eval_shard  # noqa: E402
 from lrcbert.data.text import load_tokenizer  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
-from lrcbert.flags import GlueStudentFlags, SharedFlags  # noqa: E402
+from lrcbert.flags import PERTURB_KNOBS, PERTURBATION_FLAGS, GlueStudentFlags, SharedFlags  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights, hard_loss  # noqa: E402
 from lrcbert.method.negatives import negative_generator  # noqa: E402
@@ -55,7 +55,6 @@ from lrcbert.runtime.run import Run, RunSettings  # noqa: E402
 
 
 # the flags that decide the gradient perturbation: the switch, then the knobs it reads
-PERTURBATION_FLAGS = ("perturb", "epsilon", "epsilon_relative", "perturb_mode")
 
 
 @dataclass
@@ -108,7 +107,7 @@ class GlueArgs(GlueStudentFlags, SharedFlags):
         TwoStageSchedule.from_flags(0, self)
         if self.perturb is None:
             self.perturb = not glue.get_task(self.task).is_regression
-            changed = [f"--{k} {getattr(self, k)}" for k in PERTURBATION_FLAGS[1:]
+            changed = [f"--{k} {getattr(self, k)}" for k in PERTURB_KNOBS
                        if getattr(self, k) != type(self).__dataclass_fields__[k].default]
             if changed and not self.perturb:  # e.g. one sweep's flags for every task: say it, do not ignore it
                 raise UserError(f"{' '.join(changed)} has no effect: gradient perturbation is off by default on "
@@ -124,8 +123,8 @@ RUN_CONTROL = frozenset({
     "teacher_gate", "gate_margin", "gate_min_correlation"})
 # flags only the distillation reads: teacher fine-tuning ignores them
 DISTILL_ONLY = frozenset({
-    "student", "student_layers", "student_hidden", "student_intermediate", "student_heads", "pooling", "perturb",
-    "epsilon", "epsilon_relative", "perturb_mode", "layer_map", "stage1_fraction", "stage1_weights", "stage2_weights",
+    "student", "student_layers", "student_hidden", "student_intermediate", "student_heads", "pooling",
+    *PERTURBATION_FLAGS, "layer_map", "stage1_fraction", "stage1_weights", "stage2_weights",
     "prediction_ramp", "intermediate", "cos_nce_form", "negatives", "num_negatives", "temperature", "lr_schedule"})
 
 
@@ -150,7 +149,7 @@ def effective_flags(args: GlueArgs) -> dict:
         inert |= DISTILL_ONLY
     else:
         if not args.perturb:
-            inert |= {"epsilon", "epsilon_relative", "perturb_mode"}
+            inert |= set(PERTURB_KNOBS)
         if args.intermediate != "cos_nce":
             inert |= {"pooling", "negatives", "num_negatives", "cos_nce_form"}
         if args.intermediate == "none":

@@ -46,6 +46,11 @@ class GlueStudentFlags:
     temperature: float = flag("soft-loss temperature t", 1.1)
 
 
+# the perturbation's knobs: they matter only with --perturb true, and a resume must keep them
+PERTURB_KNOBS = ("epsilon", "epsilon_relative", "perturb_mode")
+PERTURBATION_FLAGS = ("perturb", *PERTURB_KNOBS)
+
+
 @dataclass(kw_only=True)
 class SharedFlags(StudentFlags):
     """Engine, objective, student-shape and run-control flags of finetune/glue.py and pretrain/general_distill.py."""

@@ -62,7 +62,7 @@ from lrcbert.config import flag, parse_args  # noqa: E402
 from lrcbert.data.corpus import CorpusDataset, RankBatches, check_compatible  # noqa: E402
 from lrcbert.data.text import load_tokenizer  # noqa: E402
 from lrcbert.errors import UserError  # noqa: E402
-from lrcbert.flags import SharedFlags  # noqa: E402
+from lrcbert.flags import PERTURB_KNOBS, PERTURBATION_FLAGS, SharedFlags  # noqa: E402
 from lrcbert.method.bank import DEFAULT_GROUPS, MemoryBank, resolve_groups  # noqa: E402
 from lrcbert.method.layer_map import format_layer_map, parse_layer_map  # noqa: E402
 from lrcbert.method.losses import LossWeights  # noqa: E402
@@ -230,7 +230,7 @@ def load_bank(bank: MemoryBank, files: list[str], rank: int, world: int) -> None
 
 # flags that decide what a checkpoint was trained on, beyond its shapes: a resume must keep them
 SAME_ON_RESUME = ("max_seq_length", "layer_map", "pooling", "cos_nce_form", "negatives", "num_negatives",
-                  "perturb", "epsilon", "epsilon_relative", "perturb_mode")
+                  *PERTURBATION_FLAGS)
 
 
 def check_same_objective(saved: dict, args: PretrainArgs, layer_map: list, student_layers: int,
@@ -243,7 +243,7 @@ def check_same_objective(saved: dict, args: PretrainArgs, layer_map: list, stude
     def objective(values: dict) -> dict:
         out = {k: values.get(k, fields[k].default) for k in SAME_ON_RESUME}
         if not out["perturb"]:
-            for k in ("epsilon", "epsilon_relative", "perturb_mode"):
+            for k in PERTURB_KNOBS:
                 del out[k]
         return out
 
