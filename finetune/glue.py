@@ -319,22 +319,17 @@ def dry_run_plan(args: GlueArgs, p: Prepared) -> plan.Plan:
         trained, teacher, layer_text = plan.count_on_meta(p.teacher_cfg, with_head=True), 0, ""
     epochs = p.total_steps / p.order.steps_per_epoch
     evals = ", ".join(f"{name} {n:,}" for name, n in p.sizes.items() if name != "train")
-    result = plan.Plan(
-        recipe=f"finetune/glue.py ({'task distillation' if distill else 'teacher fine-tuning'}, {p.task.name})",
-        world_size=world, micro_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, total_steps=p.total_steps,
-        max_seq_length=args.max_seq_length, precision=args.precision,
-        zero_stage=int(p.ds_config.get("zero_optimization", {}).get("stage", 0)), ds_config=p.ds_config,
-        layer_map_text=layer_text, trained_parameters=trained, teacher_parameters=teacher,
-        data_text=f"{epochs:.2f} epochs of {p.sizes['train']:,} training examples ({p.order.steps_per_epoch:,} "
+    result = plan.Plan.for_run(
+        f"finetune/glue.py ({'task distillation' if distill else 'teacher fine-tuning'}, {p.task.name})",
+        args, world, p.total_steps, p.ds_config, layer_map_text=layer_text, trained_parameters=trained,
+        teacher_parameters=teacher, data_text=f"{epochs:.2f} epochs of {p.sizes['train']:,} training examples ({p.order.steps_per_epoch:,} "
                   f"steps per epoch); evaluation rows: {evals or 'none'}")
     width = p.teacher_cfg.hidden_size
     negatives_dim = width * (args.max_seq_length if args.pooling == "flatten" else 1)
-    passes = 2 if args.perturb and args.perturb_mode == "add" else 1
     activations = plan.activation_bytes(
         p.student_cfg if distill else p.teacher_cfg, p.teacher_cfg if distill else None, args.micro_batch_size,
         args.max_seq_length, args.precision, len(p.layer_map), negatives_dim if distill else 0,
-        args.micro_batch_size * world, passes if distill else 1)
+        args.micro_batch_size * world, args.perturbation.student_passes if distill else 1)
     plan.estimate_memory(result, activations)
     return result
 

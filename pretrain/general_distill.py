@@ -281,21 +281,17 @@ def dry_run_plan(args: PretrainArgs, p: Prepared) -> plan.Plan:
     world = args.planned_world_size(env_world_size())
     batches = RankBatches(p.corpus, args.micro_batch_size, 0, world, args.seed)
     epochs = p.total_steps * args.gradient_accumulation_steps / len(batches)
-    result = plan.Plan(
-        recipe="pretrain/general_distill.py (general distillation)", world_size=world,
-        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        total_steps=p.total_steps, max_seq_length=args.max_seq_length, precision=args.precision,
-        zero_stage=int(p.ds_config.get("zero_optimization", {}).get("stage", 0)), ds_config=p.ds_config,
+    result = plan.Plan.for_run(
+        "pretrain/general_distill.py (general distillation)", args, world, p.total_steps, p.ds_config,
         layer_map_text=format_layer_map(p.layer_map, p.student_cfg.hidden_size, p.teacher_cfg.hidden_size),
         trained_parameters=plan.trained_parameters(p.student_cfg, False, len(p.layer_map), p.teacher_cfg.hidden_size),
         teacher_parameters=plan.count_on_meta(p.teacher_cfg, with_head=False),
         bank_bytes_per_rank=p.bank_bytes_per_rank,
         data_text=f"{epochs:.2f} epochs of {len(p.corpus):,} sequences ({len(batches):,} micro-batches per rank "
                   "per epoch)")
-    passes = 2 if args.perturb and args.perturb_mode == "add" else 1
     activations = plan.activation_bytes(p.student_cfg, p.teacher_cfg, args.micro_batch_size, args.max_seq_length,
                                         args.precision, len(p.layer_map), p.bank_dim,
-                                        args.micro_batch_size * world, passes)
+                                        args.micro_batch_size * world, args.perturbation.student_passes)
     plan.estimate_memory(result, activations)
     return result
 

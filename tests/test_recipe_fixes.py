@@ -116,6 +116,13 @@ def test_bad_perturbation_settings_are_refused():
         PerturbConfig(mode="both")
 
 
+def test_add_mode_runs_the_student_twice_per_micro_batch():
+    """The dry run's activation estimate counts the perturbed pass only where it is added."""
+    assert PerturbConfig(mode="add").student_passes == 2
+    assert PerturbConfig(mode="replace").student_passes == 1
+    assert PerturbConfig(enabled=False, mode="add").student_passes == 1
+
+
 def test_the_task_stage_perturbs_in_add_mode_and_general_distillation_as_the_paper():
     """The task stage's default is add (measured: docs/METHOD_NOTES.md); general distillation,
     unmeasured in add mode, keeps the paper's replace. Both refuse a bad mode by name."""

@@ -45,6 +45,11 @@ class PerturbConfig:
         if self.enabled and not self.epsilon > 0:
             raise UserError(f"--epsilon must be positive, got {self.epsilon}")
 
+    @property
+    def student_passes(self) -> int:
+        """Student forward passes per micro-batch: the clean one, plus the perturbed one in add mode."""
+        return 2 if self.enabled and self.mode == "add" else 1
+
 
 def perturbation_delta(loss: torch.Tensor, embeddings: torch.Tensor, epsilon: float,
                        grad_scale: float = 1.0, retain_graph: bool = False,

@@ -58,6 +58,15 @@ class Plan:
     bank_bytes_per_rank: int = 0
     memory: dict = field(default_factory=dict)
 
+    @classmethod
+    def for_run(cls, recipe: str, args, world_size: int, total_steps: int, ds_config: dict, **rest) -> "Plan":
+        """A plan with the batch, length, precision and ZeRO stage the recipe's flags (``args``) set."""
+        return cls(recipe=recipe, world_size=world_size, micro_batch_size=args.micro_batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps, total_steps=total_steps,
+                   max_seq_length=args.max_seq_length, precision=args.precision,
+                   zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)), ds_config=ds_config,
+                   **rest)
+
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
