@@ -54,9 +54,6 @@ from lrcbert.runtime.ranks import env_rank, env_world_size, rank_and_world  # no
 from lrcbert.runtime.run import Run, RunSettings  # noqa: E402
 
 
-# the flags that decide the gradient perturbation: the switch, then the knobs it reads
-
-
 @dataclass
 class GlueArgs(GlueStudentFlags, SharedFlags):
     """LRC-BERT task distillation on GLUE (default), or teacher fine-tuning (--stage teacher)."""
@@ -322,7 +319,8 @@ def dry_run_plan(args: GlueArgs, p: Prepared) -> plan.Plan:
     result = plan.Plan.for_run(
         f"finetune/glue.py ({'task distillation' if distill else 'teacher fine-tuning'}, {p.task.name})",
         args, world, p.total_steps, p.ds_config, layer_map_text=layer_text, trained_parameters=trained,
-        teacher_parameters=teacher, data_text=f"{epochs:.2f} epochs of {p.sizes['train']:,} training examples ({p.order.steps_per_epoch:,} "
+        teacher_parameters=teacher,
+        data_text=f"{epochs:.2f} epochs of {p.sizes['train']:,} training examples ({p.order.steps_per_epoch:,} "
                   f"steps per epoch); evaluation rows: {evals or 'none'}")
     width = p.teacher_cfg.hidden_size
     negatives_dim = width * (args.max_seq_length if args.pooling == "flatten" else 1)
