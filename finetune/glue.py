@@ -46,7 +46,7 @@ from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.runtime.checkpoints import (check_output_dir, check_resumed_flags, resume_layout,  # noqa: E402
                                          resumed_micro_step)
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
-                                       resolve_ds_config)
+                                       resolve_ds_config, zero_stage)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
 from lrcbert.runtime import plan  # noqa: E402
 from lrcbert.runtime.guards import check_finite_loss  # noqa: E402
@@ -350,7 +350,7 @@ def train(run: Run, args: GlueArgs, p: Prepared) -> None:
         role = "LRC-BERT distillation" if distill else "teacher fine-tuning"
         print(f"{role} on {task.name}: {len(p.encoded['train'])} training examples, {p.total_steps} steps, "
               f"global batch {p.ds_config['train_batch_size']}, world {run.world}, {args.precision}, "
-              f"ZeRO-{p.ds_config.get('zero_optimization', {}).get('stage', 0)}")
+              f"ZeRO-{zero_stage(p.ds_config)}")
         print(f"student: {count_parameters(student_hf) / 1e6:.1f}M parameters")
         if p.layer_map:
             print(format_layer_map(p.layer_map, p.student_cfg.hidden_size, p.teacher_cfg.hidden_size))

@@ -76,7 +76,7 @@ from lrcbert.monitor import Monitor  # noqa: E402
 from lrcbert.runtime.checkpoints import (check_output_dir, check_resumed_flags, resume_layout,  # noqa: E402
                                          resumed_micro_step)
 from lrcbert.runtime.ds_config import (PRECISIONS, TrainerSettings, check_perturbation_supported,  # noqa: E402
-                                       resolve_ds_config)
+                                       resolve_ds_config, zero_stage)
 from lrcbert.runtime.engine import Engine, build_optimizer, check_precision_supported  # noqa: E402
 from lrcbert.runtime.guards import check_finite_loss  # noqa: E402
 from lrcbert.runtime import plan  # noqa: E402
@@ -313,7 +313,7 @@ def train(run: Run, args: PretrainArgs, p: Prepared) -> None:
         print(f"LRC-BERT general distillation: {len(p.corpus)} sequences ({len(batches)} micro-batches of "
               f"{global_micro_batch} per epoch), {p.total_steps} steps, global batch "
               f"{p.ds_config['train_batch_size']}, world {run.world}, {args.precision}, "
-              f"ZeRO-{p.ds_config.get('zero_optimization', {}).get('stage', 0)}")
+              f"ZeRO-{zero_stage(p.ds_config)}")
         print(f"student: {count_parameters(student_hf) / 1e6:.1f}M parameters; teacher: "
               f"{count_parameters(teacher) / 1e6:.1f}M")
         print(format_layer_map(p.layer_map, p.student_cfg.hidden_size, p.teacher_cfg.hidden_size))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lrcbert.runtime.ds_config import TrainerSettings, resolve_ds_config
+from lrcbert.runtime.ds_config import TrainerSettings, resolve_ds_config, zero_stage
 from lrcbert.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,11 @@ def test_shipped_configs_resolve(name):
     assert cfg["train_micro_batch_size_per_gpu"] == 16
     assert cfg["gradient_accumulation_steps"] == 2
     assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
-    assert cfg["zero_optimization"]["stage"] == int(name[1])
+    assert cfg["zero_optimization"]["stage"] == int(name[1]) == zero_stage(cfg)
+
+
+def test_a_config_without_zero_section_is_stage_0(tmp_path):
+    assert zero_stage(resolve_ds_config(_write(tmp_path, {}), SETTINGS)) == 0
 
 
 def _write(tmp_path, cfg):

@@ -77,9 +77,9 @@ def resolve_ds_config(path: str, settings: TrainerSettings) -> dict:
             section["enabled"] = wanted
         elif bool(enabled) != wanted:
             raise UserError(f"{path}: {name}.enabled is {str(enabled).lower()} but --precision is {settings.precision}")
-    zero = config.get("zero_optimization", {})
-    if zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise UserError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero.get('stage')}")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     unresolved = [k for k, v in _walk(config) if v == "auto"]
     if unresolved:
         raise UserError(f"{path}: the trainer cannot fill \"auto\" for {', '.join(unresolved)}")
@@ -89,10 +89,15 @@ def resolve_ds_config(path: str, settings: TrainerSettings) -> dict:
     return config
 
 
+def zero_stage(config: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no zero_optimization section)."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def check_perturbation_supported(config: dict, path: str) -> None:
     """Gradient perturbation needs dL/de, which ZeRO-3's module hooks hide from autograd in
     DeepSpeed 0.19: refuse the combination before any process starts."""
-    if config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if zero_stage(config) == 3:
         raise UserError(f"{path}: gradient perturbation needs dL/de, which ZeRO-3's module hooks hide "
                         "from autograd in this DeepSpeed version; use ZeRO-1/2 (ds_configs/z2.json) or --perturb false")
 

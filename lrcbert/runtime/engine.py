@@ -17,6 +17,7 @@ import torch
 
 from lrcbert.errors import UserError
 from lrcbert.runtime import checkpoints
+from lrcbert.runtime.ds_config import zero_stage as zero_stage_of
 from lrcbert.runtime.ranks import (barrier, broadcast_from_main, env_local_rank, export_launcher_env,
                                    group_initialized, is_main, rank_and_world)
 
@@ -163,7 +164,7 @@ class Engine:
 
     @property
     def zero_stage(self) -> int:
-        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        return zero_stage_of(self.ds_config)
 
     def full_state_dict(self) -> dict | None:
         """The whole module's weights in fp32 on rank 0 (None elsewhere). A collective:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
+from lrcbert.runtime.ds_config import zero_stage as zero_stage_of
+
 MIB = 2**20
 
 
@@ -64,7 +66,7 @@ class Plan:
         return cls(recipe=recipe, world_size=world_size, micro_batch_size=args.micro_batch_size,
                    gradient_accumulation_steps=args.gradient_accumulation_steps, total_steps=total_steps,
                    max_seq_length=args.max_seq_length, precision=args.precision,
-                   zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)), ds_config=ds_config,
+                   zero_stage=zero_stage_of(ds_config), ds_config=ds_config,
                    **rest)
 
     @property
